@@ -1,0 +1,53 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * kv-bench internals: a scenario adds figures to a run; the driver prints
+ * them as a table or as one JSON object. Figure names are an interface:
+ * keep them stable.
+ */
+#ifndef KV_BENCH_H
+#define KV_BENCH_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define BENCH_MAX_FIGURES 64
+
+struct bench_figure {
+	const char *name;
+	double value;
+	const char *unit;
+	/* What the value is compared with, and value / reference; only
+	 * when has_reference. reference_what says what the reference is
+	 * ("target", "measured DRAM read bandwidth"). */
+	bool has_reference;
+	double reference;
+	const char *reference_what;
+};
+
+struct bench_run {
+	int reps;             /* repetitions a scenario takes the median of */
+	bool quick;           /* smaller sizes (used by the smoke test) */
+	struct bench_figure figures[BENCH_MAX_FIGURES];
+	size_t n_figures;
+};
+
+/* Add a figure; reference <= 0 means none. */
+void bench_figure(struct bench_run *run, const char *name, double value,
+		  const char *unit, double reference, const char *reference_what);
+
+/* Median of n values (sorts them in place). */
+double bench_median(double *v, size_t n);
+
+/* Monotonic time in nanoseconds. */
+uint64_t bench_now_ns(void);
+
+struct bench_scenario {
+	const char *name;
+	const char *summary;
+	int (*run)(struct bench_run *run);  /* 0 or -errno */
+};
+
+int bench_registry(struct bench_run *run);
+
+#endif

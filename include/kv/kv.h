@@ -1,0 +1,11 @@
+/* SPDX-License-Identifier: MIT */
+/* libkv umbrella header: include this one. Layers, bottom up:
+ * core (errors, logging), taxonomy (tiers, kinds, the registry). */
+#ifndef KV_KV_H
+#define KV_KV_H
+
+#include <kv/version.h>
+#include <kv/core.h>
+#include <kv/taxonomy.h>
+
+#endif

@@ -27,8 +27,11 @@ run_suite() {
 	shift 2
 	echo "== $label"
 	local rc=0
+	# meson names the log after a --wrapper too: clear them all, read
+	# whichever this run wrote.
+	rm -f "$dir"/meson-logs/testlog*.json
 	meson test -C "$dir" --print-errorlogs "$@" || rc=$?
-	read -r p f s < <(python3 - "$dir/meson-logs/testlog.json" <<'PY'
+	read -r p f s < <(python3 - "$dir"/meson-logs/testlog*.json <<'PY'
 import json, sys
 p = f = s = 0
 for line in open(sys.argv[1]):

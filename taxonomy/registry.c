@@ -41,7 +41,7 @@ struct slot {
 	uint64_t moved_ns;
 	uint32_t policy;
 	uint32_t label;     /* label id; 0 is "" */
-	uint32_t gen;       /* odd while live, even while free; never 0 */
+	uint32_t gen;       /* odd while live, even while free (wraps) */
 	uint32_t next_free; /* index + 1 of the next free slot, 0 ends */
 	uint32_t moves;
 	uint8_t tier;
@@ -71,8 +71,7 @@ struct shard {
 } __attribute__((aligned(64)));
 
 /* A (tier, kind) cell: `charged` is the live bytes plus every shard's
- * stock, so it bounds the live bytes from above by at most
- * 2 * peak_batch per shard; `peak` is the highest `charged` seen. */
+ * stock (see charge()); `peak` is the highest `charged` seen. */
 struct cell {
 	_Atomic uint64_t charged;
 	_Atomic uint64_t peak;
@@ -517,11 +516,13 @@ static struct slot *lookup_lock(const struct kv_registry *reg, kv_handle h,
 }
 
 /* Charge b bytes of (tier, kind) to the shared counter. Like the kernel's
- * memory cgroup charging, a shard takes bytes from its own stock when it
- * can and otherwise charges a whole batch at once, so threads recording
- * into different shards rarely write the same cache line; the price is
- * that the shared counter, and so the peak, may run ahead of the live
- * bytes by up to 2 * peak_batch per shard. peak_batch 0 is exact. */
+ * memory cgroup charging, a shard keeps bytes freed by its records as a
+ * stock of at most peak_batch and takes new records from it first, so
+ * threads recording and freeing in their own shards rarely write a shared
+ * cache line. The shared counter only rises when a stock ran out, and
+ * then it equals the live bytes plus the other shards' stocks: a peak is
+ * exact with one shard in use, and at most peak_batch too high per other
+ * shard in use. peak_batch 0 is exact always. */
 static inline void charge(struct kv_registry *reg, struct shard *s, int t, int k, uint64_t b)
 {
 	struct cell *c = &reg->cells[t][k];
@@ -531,18 +532,18 @@ static inline void charge(struct kv_registry *reg, struct shard *s, int t, int k
 		s->stock[t][k] -= b;
 		return;
 	}
-	need = b - s->stock[t][k] + reg->peak_batch;
-	s->stock[t][k] = reg->peak_batch;
+	need = b - s->stock[t][k];
+	s->stock[t][k] = 0;
 	shared_add(&c->charged, &c->peak, need);
 }
 
 static inline void uncharge(struct kv_registry *reg, struct shard *s, int t, int k, uint64_t b)
 {
 	s->stock[t][k] += b;
-	if (s->stock[t][k] > 2 * reg->peak_batch) {
+	if (s->stock[t][k] > reg->peak_batch) {
 		uint64_t excess = s->stock[t][k] - reg->peak_batch;
 
-		s->stock[t][k] -= excess;
+		s->stock[t][k] = reg->peak_batch;
 		atomic_fetch_sub_explicit(&reg->cells[t][k].charged, excess, RELAXED);
 	}
 }
@@ -954,8 +955,6 @@ static int validate_shard(const struct kv_registry *reg, uint32_t si, struct rec
 	for (uint32_t i = 0; i < s->used; i++) {
 		const struct slot *sl = slot_at(s, i);
 
-		if (sl->gen == 0)
-			return kv_fail(EFAULT, "shard %u slot %u: generation 0 after use", si, i);
 		if (!(sl->gen & 1))
 			continue;
 		live++;
@@ -1025,8 +1024,8 @@ int kv_registry_validate(const struct kv_registry *reg)
 			uint64_t stock = 0;
 
 			for (uint32_t si = 0; si < reg->n_shards; si++) {
-				if (reg->shards[si].stock[t][k] > 2 * reg->peak_batch)
-					err = kv_fail(EFAULT, "shard %u cell %s/%s: stock over twice the batch",
+				if (reg->shards[si].stock[t][k] > reg->peak_batch)
+					err = kv_fail(EFAULT, "shard %u cell %s/%s: stock over the batch",
 						      si, kv_tier_name((enum kv_tier)t),
 						      kv_kind_name((enum kv_kind)k));
 				stock += reg->shards[si].stock[t][k];

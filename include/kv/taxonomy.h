@@ -105,12 +105,13 @@ struct kv_registry_config {
 	uint32_t shards;
 	/* Name used in reports and log lines (copied; default "libkv"). */
 	const char *name;
-	/* Bytes a shard charges to the shared (tier, kind) counters at once
-	 * (default 1 MiB), as memory cgroups charge in batches: threads then
-	 * rarely share a written cache line, and a (tier, kind) peak may
-	 * exceed the true peak by up to 2 * peak_batch per shard in use.
-	 * 0 makes peaks exact at the cost of one shared atomic per call.
-	 * Live byte and record counts are always exact. */
+	/* Freed bytes a shard may keep as a stock for its next records
+	 * without touching the shared (tier, kind) counters (default 1 MiB),
+	 * as memory cgroups charge in batches: threads then rarely write a
+	 * shared cache line. A (tier, kind) peak is exact while one shard is
+	 * in use and may exceed the true peak by up to peak_batch per other
+	 * shard in use; 0 makes peaks exact at the cost of a shared atomic
+	 * per call. Live byte and record counts are always exact. */
 	uint64_t peak_batch;
 };
 
@@ -196,8 +197,9 @@ KV_API int kv_registry_count(const struct kv_registry *reg, int tier,
 
 /* High-water mark of live bytes in the (tier, kind) cell, all nodes
  * together, since creation or the last kv_registry_reset_peaks(); never
- * below the true peak, and above it by at most 2 * peak_batch per shard in
- * use (exact with peak_batch 0). tier and kind must be exact.
+ * below the true peak, exact while one thread records into the registry,
+ * else above it by at most peak_batch per further shard in use (see
+ * kv_registry_config.peak_batch). tier and kind must be exact.
  * Errors: -EINVAL. */
 KV_API int kv_registry_peak(const struct kv_registry *reg, enum kv_tier tier,
 			    enum kv_kind kind, uint64_t *out);
@@ -254,7 +256,8 @@ enum kv_report_format {
 };
 
 /* Write a report of reg to f in exactly one format.
- * Errors: -EINVAL (no or several formats, NULL), -EIO (write failed).
+ * Errors: -EINVAL (no or several formats, NULL), -EIO (write failed),
+ * -ENOMEM (no memory for the snapshot); on -EINVAL nothing is written.
  * Thread safety: any thread; a concurrent update may or may not show. */
 KV_API int kv_report_write(const struct kv_registry *reg, FILE *f,
 			   unsigned format);
@@ -291,7 +294,8 @@ struct kv_tier_desc {
 #define KV_DESC_NO_CACHE 2u    /* neither read nor write the cache */
 #define KV_DESC_NO_PROBE 4u    /* never measure: hwloc, OS and cache only */
 
-/* Name of a source ("hwloc", "os", "probe", "cache", "none"). */
+/* Name of a source ("hwloc", "os", "probe", "cache", "none"); NULL when
+ * out of range. */
 KV_API const char *kv_desc_source_name(enum kv_desc_source src);
 
 /* Describe DRAM on NUMA node `node` (OS index). Capacity comes from hwloc;
@@ -299,7 +303,7 @@ KV_API const char *kv_desc_source_name(enum kv_desc_source src);
  * reports them, else from the cache, else from a probe of at most ~0.5 s
  * whose result is cached in $XDG_CACHE_HOME/libkv/ (or ~/.cache/libkv/),
  * keyed by host and node. A cache that cannot be written is logged, not
- * an error. Errors: -ENODEV (no such node), -ENOMEM.
+ * an error. Errors: -ENODEV (no such node), -ENOMEM, -EINVAL (NULL out, bad flags).
  * Thread safety: any thread; concurrent probes may both measure. */
 KV_API int kv_tier_desc_dram(int node, unsigned flags,
 			     struct kv_tier_desc *out);
@@ -309,8 +313,10 @@ KV_API int kv_tier_desc_dram(int node, unsigned flags,
  * the logical block size), read/write bandwidth and 4 KiB read latency
  * from the cache (keyed by host and device) or a probe of at most ~0.5 s
  * with O_DIRECT I/O on a scratch file in dir, which is removed.
- * Errors: -ENOENT (no such directory), -ENOTDIR, -EACCES (not writable),
- * -EINVAL, -EIO; the detail names the directory. */
+ * Errors: -ENOENT (no such directory), -ENOTDIR, -EACCES (not writable,
+ * read-only file system), -ENOSPC (disk full during the probe), -EINVAL
+ * (NULL, path over 255 bytes, FORCE_PROBE with NO_PROBE, unknown flags),
+ * -EIO; the detail names the directory. */
 KV_API int kv_tier_desc_dir(const char *dir, unsigned flags,
 			    struct kv_tier_desc *out);
 

@@ -62,6 +62,14 @@ static inline void kv_test_mkdtemp(char *buf, size_t len, const char *tag)
 		fail_msg("mkdtemp(%s) failed", buf);
 }
 
+/* Point XDG_CACHE_HOME at a fresh scratch directory (its path written to
+ * buf), so a test never reads or writes the user's libkv cache. */
+static inline void kv_test_private_cache(char *buf, size_t len, const char *tag)
+{
+	kv_test_mkdtemp(buf, len, tag);
+	setenv("XDG_CACHE_HOME", buf, 1);
+}
+
 /* Remove a directory tree made by kv_test_mkdtemp(). */
 static inline void kv_test_rmtree(const char *dir)
 {

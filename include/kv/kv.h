@@ -1,11 +1,13 @@
 /* SPDX-License-Identifier: MIT */
 /* libkv umbrella header: include this one. Layers, bottom up:
- * core (errors, logging), taxonomy (tiers, kinds, the registry). */
+ * core (errors, logging), taxonomy (tiers, kinds, the registry),
+ * allocator (topology, budgets, arenas, block pools). */
 #ifndef KV_KV_H
 #define KV_KV_H
 
 #include <kv/version.h>
 #include <kv/core.h>
 #include <kv/taxonomy.h>
+#include <kv/allocator.h>
 
 #endif

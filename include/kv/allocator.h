@@ -107,7 +107,9 @@ KV_API int kv_budget_set(struct kv_budget *b, enum kv_tier tier, int node,
 			 uint64_t limit);
 
 /* Charge bytes to (tier, node): both the tier and the node limits must
- * allow it. Errors: -ENOMEM naming the limit, -EINVAL. */
+ * allow it. node KV_ANY is memory on no one node (interleaved, first
+ * touch): only the tier limit applies. Uncharge with the same node.
+ * Errors: -ENOMEM naming the limit, -EINVAL. */
 KV_API int kv_budget_charge(struct kv_budget *b, enum kv_tier tier, int node,
 			    uint64_t bytes);
 

@@ -109,4 +109,14 @@ static inline size_t kv_round_up(size_t bytes, size_t align)
 	return r < bytes ? 0 : r;
 }
 
+/* ---- Topology seam (topo.c) ------------------------------------------- */
+
+/* kv_topo_create() from a given hwloc topology instead of the process's,
+ * for tests: hw NULL builds the one-node topology of a machine without
+ * hwloc; a synthetic or XML topology gives any nodes wanted (unless it is
+ * flagged as this system, sysfs counts are not read and
+ * kv_topo_current_node() is -ENOTSUP). Nothing of hw is kept.
+ * Errors: -EINVAL (out NULL), -ENOMEM. */
+int kv_topo_create_from(struct hwloc_topology *hw, struct kv_topo **out);
+
 #endif /* KV_ALLOCATOR_IMPL_H */

@@ -234,11 +234,13 @@ static int map_rw(struct kv_region *r, char *addr, size_t len, bool *hugetlb)
 		}
 		/* A failed MAP_FIXED may have unmapped the old range: put the
 		 * reservation back before anything else can map there. */
+		int back_err;
 		void *back = kv_os_mmap(addr, len, PROT_NONE,
-					MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, &err);
+					MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED,
+					&back_err);
 		if (back == MAP_FAILED)
 			return kv_fail(ENOMEM, "%s: restoring the reservation after a failed "
-				       "hugetlb mapping: %s", r->what, kv_strerror(err));
+				       "hugetlb mapping: %s", r->what, kv_strerror(back_err));
 		if (r->place.required)
 			return kv_fail(ENOTSUP, "%s: hugetlb %s pages required: mapping %zu bytes "
 				       "failed (%s; %llu free)", r->what,

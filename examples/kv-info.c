@@ -1,14 +1,13 @@
 // SPDX-License-Identifier: MIT
 /*
- * kv-info: what libkv sees on this machine. The topology (NUMA nodes,
- * cores, huge pages, THP mode), whether io_uring works here, with --dir the
- * O_DIRECT alignment of a directory, and the tier descriptor table (one row
- * per DRAM node, plus the SSD row for --dir) with the source of every
- * figure. Everything is gathered first (collect_*()), then printed as
+ * kv-info: what libkv sees on this machine. The topology as the allocator
+ * has it (kv_topo: NUMA nodes, cores, huge pages) and the THP mode, whether
+ * io_uring works here, with --dir the O_DIRECT alignment of a directory,
+ * and the tier descriptor table (one row per DRAM node, plus the SSD row
+ * for --dir) with the source of every figure. Everything is gathered first (collect_*()), then printed as
  * aligned tables or, with --json, as one JSON object (print_json()).
  * Exit status: 0, 1 on a runtime failure, 2 on a usage error.
  */
-#include <dirent.h>
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
@@ -18,38 +17,21 @@
 #include <string.h>
 #include <unistd.h>
 
-#include <hwloc.h>
 #include <liburing.h>
 
 #include <kv/kv.h>
 
 #include "taxonomy/kv-private.h"
 
-#define MAX_HP_SIZES 8
-
-struct numa_info {
-	unsigned os_index;
-	uint64_t memory_bytes;
-	char *cpus; /* list form "0-3,8"; malloc'ed */
-};
-
-struct hp_count {
-	long total, free; /* -1 when unreadable */
-};
-
-struct hp_info {
-	uint64_t page_bytes;
-	struct hp_count all;
-	struct hp_count node[KV_NODE_MAX]; /* total < 0: node lacks this size */
-};
-
 struct info {
 	char host[256];
-	struct numa_info numa[KV_NODE_MAX];
-	int n_numa;
-	int cores, pus;
-	struct hp_info hp[MAX_HP_SIZES];
-	int n_hp;
+	struct kv_topo_node numa[KV_NODE_MAX]; /* (n_numa), by OS index */
+	uint32_t n_numa;
+	uint32_t cores, pus;
+	/* Base page first, then the huge page sizes: the counts of size j
+	 * are numa[i].hugepages_total[j] and hugepages_free[j]. */
+	uint64_t page_sizes[KV_PAGE_SIZES_MAX];
+	uint32_t n_page_sizes;
 	char thp[32]; /* "" when the kernel has no THP */
 
 	bool uring_works;
@@ -79,93 +61,49 @@ static long read_long(const char *path)
 	return v;
 }
 
-static void collect_topology(struct info *in)
+/* The allocator's topology snapshot, copied out. Returns 0 or -errno. */
+static int collect_topology(struct info *in)
 {
-	hwloc_topology_t topo = kv_hw_topology();
-	hwloc_obj_t obj = NULL;
+	struct kv_topo *topo;
+	int rc = kv_topo_create(&topo);
 
-	if (!topo) {
-		long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
-		long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-		char cpus[32];
+	if (rc)
+		return rc;
+	in->n_numa = kv_topo_node_count(topo);
+	if (in->n_numa > KV_NODE_MAX)
+		in->n_numa = KV_NODE_MAX; /* kv_topo keeps nodes below 64 anyway */
+	for (uint32_t i = 0; i < in->n_numa && rc == 0; i++)
+		rc = kv_topo_node(topo, i, &in->numa[i]);
+	in->cores = kv_topo_cores(topo);
+	in->pus = kv_topo_pus(topo);
+	in->n_page_sizes = kv_topo_page_sizes(topo, in->page_sizes, KV_PAGE_SIZES_MAX);
+	kv_topo_destroy(topo);
+	return rc;
+}
 
-		snprintf(cpus, sizeof(cpus), ncpu > 1 ? "0-%ld" : "0", ncpu - 1);
-		in->numa[0].os_index = 0;
-		in->numa[0].memory_bytes = pages > 0 && psz > 0 ? (uint64_t)pages * (uint64_t)psz : 0;
-		in->numa[0].cpus = strdup(cpus);
-		in->n_numa = 1;
-		in->cores = in->pus = ncpu > 0 ? (int)ncpu : 1;
+/* The THP mode in use is the bracketed word: "always [madvise] never". */
+static void collect_thp(struct info *in)
+{
+	FILE *fp = fopen("/sys/kernel/mm/transparent_hugepage/enabled", "re");
+	char line[128], *l, *r;
+
+	if (!fp)
 		return;
+	if (fgets(line, sizeof(line), fp) && (l = strchr(line, '[')) &&
+	    (r = strchr(l, ']')) && (size_t)(r - l - 1) < sizeof(in->thp)) {
+		memcpy(in->thp, l + 1, (size_t)(r - l - 1));
+		in->thp[r - l - 1] = '\0';
 	}
-	while ((obj = hwloc_get_next_obj_by_type(topo, HWLOC_OBJ_NUMANODE, obj)) != NULL &&
-	       in->n_numa < KV_NODE_MAX) {
-		struct numa_info *n = &in->numa[in->n_numa++];
-
-		n->os_index = obj->os_index;
-		n->memory_bytes = obj->attr ? obj->attr->numanode.local_memory : 0;
-		if (!obj->cpuset || hwloc_bitmap_list_asprintf(&n->cpus, obj->cpuset) < 0)
-			n->cpus = NULL;
-	}
-	in->cores = hwloc_get_nbobjs_by_type(topo, HWLOC_OBJ_CORE);
-	in->pus = hwloc_get_nbobjs_by_type(topo, HWLOC_OBJ_PU);
+	fclose(fp);
 }
 
-static void read_hp_count(const char *dir, struct hp_count *c)
+/* Huge pages of size index j over all nodes. */
+static void hp_sum(const struct info *in, uint32_t j, uint64_t *total, uint64_t *freep)
 {
-	char path[560];
-
-	snprintf(path, sizeof(path), "%s/nr_hugepages", dir);
-	c->total = read_long(path);
-	snprintf(path, sizeof(path), "%s/free_hugepages", dir);
-	c->free = read_long(path);
-}
-
-static int cmp_hp(const void *a, const void *b)
-{
-	uint64_t x = ((const struct hp_info *)a)->page_bytes;
-	uint64_t y = ((const struct hp_info *)b)->page_bytes;
-
-	return (x > y) - (x < y);
-}
-
-static void collect_hugepages(struct info *in)
-{
-	DIR *dp = opendir("/sys/kernel/mm/hugepages");
-	struct dirent *e;
-	FILE *fp;
-
-	while (dp && (e = readdir(dp)) != NULL && in->n_hp < MAX_HP_SIZES) {
-		unsigned long long kb;
-		char dir[512], tail;
-		struct hp_info *h;
-
-		if (sscanf(e->d_name, "hugepages-%llukB%c", &kb, &tail) != 1)
-			continue;
-		h = &in->hp[in->n_hp++];
-		h->page_bytes = (uint64_t)kb * 1024;
-		snprintf(dir, sizeof(dir), "/sys/kernel/mm/hugepages/%s", e->d_name);
-		read_hp_count(dir, &h->all);
-		for (int i = 0; i < in->n_numa; i++) {
-			snprintf(dir, sizeof(dir), "/sys/devices/system/node/node%u/hugepages/%s",
-				 in->numa[i].os_index, e->d_name);
-			read_hp_count(dir, &h->node[i]);
-		}
-	}
-	if (dp)
-		closedir(dp);
-	qsort(in->hp, (size_t)in->n_hp, sizeof(in->hp[0]), cmp_hp);
-
-	/* The mode in use is the bracketed word: "always [madvise] never". */
-	fp = fopen("/sys/kernel/mm/transparent_hugepage/enabled", "re");
-	if (fp) {
-		char line[128], *l, *r;
-
-		if (fgets(line, sizeof(line), fp) && (l = strchr(line, '[')) &&
-		    (r = strchr(l, ']')) && (size_t)(r - l - 1) < sizeof(in->thp)) {
-			memcpy(in->thp, l + 1, (size_t)(r - l - 1));
-			in->thp[r - l - 1] = '\0';
-		}
-		fclose(fp);
+	*total = *freep = 0;
+	for (uint32_t i = 0; i < in->n_numa; i++) {
+		*total += in->numa[i].hugepages_total[j];
+		*freep += in->numa[i].hugepages_free[j];
 	}
 }
 
@@ -233,28 +171,28 @@ static void print_text(const struct info *in)
 
 	printf("libkv %s on %s\n\n", kv_version(), in->host);
 
-	printf("Topology: %d NUMA node%s, %d cores, %d PUs\n", in->n_numa,
-	       in->n_numa == 1 ? "" : "s", in->cores, in->pus);
+	printf("Topology: %" PRIu32 " NUMA node%s, %" PRIu32 " cores, %" PRIu32 " PUs\n",
+	       in->n_numa, in->n_numa == 1 ? "" : "s", in->cores, in->pus);
 	printf("  %-6s %12s  %s\n", "node", "memory", "cpus");
-	for (int i = 0; i < in->n_numa; i++)
-		printf("  %-6u %12s  %s\n", in->numa[i].os_index,
+	for (uint32_t i = 0; i < in->n_numa; i++)
+		printf("  %-6d %12s  %s\n", in->numa[i].os_index,
 		       kv_format_bytes(in->numa[i].memory_bytes, a, sizeof(a)),
-		       in->numa[i].cpus ? in->numa[i].cpus : "-");
+		       in->numa[i].cpus[0] ? in->numa[i].cpus : "-");
 
 	printf("\nHuge pages (transparent: %s)\n", in->thp[0] ? in->thp : "unavailable");
-	if (in->n_hp == 0)
+	if (in->n_page_sizes <= 1)
 		printf("  none configured in this kernel\n");
 	else
 		printf("  %-10s %8s %8s  %s\n", "size", "total", "free", "per node (total/free)");
-	for (int i = 0; i < in->n_hp; i++) {
-		const struct hp_info *h = &in->hp[i];
+	for (uint32_t j = 1; j < in->n_page_sizes; j++) {
+		uint64_t total, freep;
 
-		printf("  %-10s %8ld %8ld ", kv_format_bytes(h->page_bytes, a, sizeof(a)),
-		       h->all.total, h->all.free);
-		for (int n = 0; n < in->n_numa; n++)
-			if (h->node[n].total >= 0)
-				printf(" node%u %ld/%ld", in->numa[n].os_index, h->node[n].total,
-				       h->node[n].free);
+		hp_sum(in, j, &total, &freep);
+		printf("  %-10s %8" PRIu64 " %8" PRIu64 " ",
+		       kv_format_bytes(in->page_sizes[j], a, sizeof(a)), total, freep);
+		for (uint32_t n = 0; n < in->n_numa; n++)
+			printf(" node%d %" PRIu64 "/%" PRIu64, in->numa[n].os_index,
+			       in->numa[n].hugepages_total[j], in->numa[n].hugepages_free[j]);
 		printf("\n");
 	}
 
@@ -326,32 +264,24 @@ static void print_json(const struct info *in)
 	kv_json_string(f, in->host);
 
 	printf(",\"topology\":{\"numa_nodes\":[");
-	for (int i = 0; i < in->n_numa; i++) {
-		printf("%s{\"os_index\":%u,\"memory_bytes\":%" PRIu64 ",\"cpus\":", i ? "," : "",
+	for (uint32_t i = 0; i < in->n_numa; i++) {
+		printf("%s{\"os_index\":%d,\"memory_bytes\":%" PRIu64 ",\"cpus\":", i ? "," : "",
 		       in->numa[i].os_index, in->numa[i].memory_bytes);
-		kv_json_string(f, in->numa[i].cpus ? in->numa[i].cpus : "");
+		kv_json_string(f, in->numa[i].cpus);
 		printf("}");
 	}
-	printf("],\"cores\":%d,\"pus\":%d,\"hugepages\":[", in->cores, in->pus);
-	for (int i = 0; i < in->n_hp; i++) {
-		const struct hp_info *h = &in->hp[i];
-		bool first = true;
+	printf("],\"cores\":%" PRIu32 ",\"pus\":%" PRIu32 ",\"hugepages\":[", in->cores,
+	       in->pus);
+	for (uint32_t j = 1; j < in->n_page_sizes; j++) {
+		uint64_t total, freep;
 
-		printf("%s{\"page_bytes\":%" PRIu64 ",\"total\":", i ? "," : "", h->page_bytes);
-		json_count(h->all.total);
-		printf(",\"free\":");
-		json_count(h->all.free);
-		printf(",\"nodes\":[");
-		for (int n = 0; n < in->n_numa; n++) {
-			if (h->node[n].total < 0)
-				continue;
-			printf("%s{\"node\":%u,\"total\":", first ? "" : ",", in->numa[n].os_index);
-			json_count(h->node[n].total);
-			printf(",\"free\":");
-			json_count(h->node[n].free);
-			printf("}");
-			first = false;
-		}
+		hp_sum(in, j, &total, &freep);
+		printf("%s{\"page_bytes\":%" PRIu64 ",\"total\":%" PRIu64 ",\"free\":%" PRIu64
+		       ",\"nodes\":[", j > 1 ? "," : "", in->page_sizes[j], total, freep);
+		for (uint32_t n = 0; n < in->n_numa; n++)
+			printf("%s{\"node\":%d,\"total\":%" PRIu64 ",\"free\":%" PRIu64 "}",
+			       n ? "," : "", in->numa[n].os_index, in->numa[n].hugepages_total[j],
+			       in->numa[n].hugepages_free[j]);
 		printf("]}");
 	}
 	printf("],\"thp\":");
@@ -432,12 +362,6 @@ static void usage(FILE *f)
 		"  -h, --help   this text\n");
 }
 
-static void free_info(struct info *in)
-{
-	for (int i = 0; i < in->n_numa; i++)
-		free(in->numa[i].cpus);
-}
-
 int main(int argc, char **argv)
 {
 	static const struct option opts[] = {
@@ -451,7 +375,6 @@ int main(int argc, char **argv)
 	static struct info in; /* large: kept off the stack */
 	unsigned flags = 0;
 	bool json = false;
-	uint64_t nodes;
 	int c, rc;
 
 	opterr = 0;
@@ -499,22 +422,24 @@ int main(int argc, char **argv)
 	if (gethostname(in.host, sizeof(in.host)) != 0)
 		snprintf(in.host, sizeof(in.host), "unknown");
 	in.host[sizeof(in.host) - 1] = '\0';
-	collect_topology(&in);
-	collect_hugepages(&in);
+	rc = collect_topology(&in);
+	if (rc) {
+		fprintf(stderr, "kv-info: topology: %s: %s\n", kv_strerror(rc), kv_last_error());
+		return 1;
+	}
+	collect_thp(&in);
 	collect_io_uring(&in);
 
-	/* DRAM rows first, the SSD row (already measured) last. */
+	/* DRAM rows first, one per node, the SSD row (already measured) last. */
 	struct kv_tier_desc ssd = in.tiers[0];
 
-	nodes = kv_numa_nodes();
-	for (int n = 0; n < KV_NODE_MAX_BITS; n++) {
-		if (!(nodes & (UINT64_C(1) << n)))
-			continue;
+	for (uint32_t i = 0; i < in.n_numa; i++) {
+		int n = in.numa[i].os_index;
+
 		rc = kv_tier_desc_dram(n, flags, &in.tiers[in.n_tiers]);
 		if (rc) {
 			fprintf(stderr, "kv-info: DRAM node %d: %s: %s\n", n, kv_strerror(rc),
 				kv_last_error());
-			free_info(&in);
 			return 1;
 		}
 		in.n_tiers++;
@@ -526,7 +451,6 @@ int main(int argc, char **argv)
 		print_json(&in);
 	else
 		print_text(&in);
-	free_info(&in);
 	if (fflush(stdout) != 0 || ferror(stdout)) {
 		fprintf(stderr, "kv-info: writing the output failed\n");
 		return 1;

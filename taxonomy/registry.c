@@ -231,7 +231,7 @@ static int label_get(struct kv_registry *reg, const char *name, uint32_t *id)
 	if (n >= reg->max_labels) {
 		pthread_mutex_unlock(&reg->labels_lock);
 		return kv_fail(ENOSPC, "registry '%s': label table full (%u labels) adding '%s'",
-			       reg->name, reg->max_labels, name);
+			       reg->name, reg->max_labels - 1, name);
 	}
 	char *copy = malloc(len + 1);
 	if (!copy) {

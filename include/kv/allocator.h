@@ -29,7 +29,7 @@ extern "C" {
 /* ---- Topology --------------------------------------------------------- */
 
 /* Page sizes a topology reports: the base page first, then huge pages. */
-#define KV_PAGE_SIZES_MAX 4
+#define KV_PAGE_SIZES_MAX 6
 
 struct kv_topo;
 
@@ -46,8 +46,9 @@ struct kv_topo_node {
 
 /* Snapshot the machine: NUMA nodes, cores, page sizes, huge page counts.
  * On a machine where hwloc reports no NUMA node the topology has one node
- * (os_index 0, all memory and PUs) and kv_topo_numa_reported() is false;
- * it logs that once at info. Errors: -ENOMEM, -EIO (hwloc failed).
+ * (os_index 0, all memory and PUs) and kv_topo_numa_reported() is false,
+ * and it says so in an info log line. Errors: -EINVAL (NULL out), -ENOMEM,
+ * -EIO (hwloc failed).
  * Ownership: destroy with kv_topo_destroy(). Thread safety: a topology is
  * immutable, any thread may query it. */
 KV_API int kv_topo_create(struct kv_topo **out);
@@ -297,6 +298,13 @@ KV_API uint32_t kv_pool_id(const struct kv_pool *p, const void *block);
  * thread exit), and bring the registry's used bytes up to date. */
 KV_API void kv_pool_flush(struct kv_pool *p);
 
+/* A snapshot of a pool, taken under its lock. "Used" blocks are those not
+ * on the central free list: handed out, or sitting in a thread cache.
+ * The registry's "<label>" record follows the used bytes in steps: it is
+ * rewritten when the used count has moved by max(64 blocks, 1/8 of a
+ * chunk) since the last write, on every grow, and exactly on
+ * kv_pool_flush() and kv_pool_destroy(); "<label>/free" always holds the
+ * rest of the committed bytes, so the two sum to committed_bytes. */
 struct kv_pool_stats {
 	size_t block_bytes;      /* as configured */
 	size_t block_stride;     /* bytes between blocks (size rounded to align) */
@@ -306,7 +314,7 @@ struct kv_pool_stats {
 	uint32_t chunks;
 	size_t committed_bytes;  /* what the registry and budget see */
 	size_t max_bytes;
-	size_t high_water;       /* peak of used bytes */
+	size_t high_water;       /* peak of used bytes (blocks_used * stride) */
 	struct kv_placement_result placement;
 };
 KV_API int kv_pool_stats(const struct kv_pool *p, struct kv_pool_stats *out);

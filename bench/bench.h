@@ -49,5 +49,6 @@ struct bench_scenario {
 };
 
 int bench_registry(struct bench_run *run);
+int bench_alloc(struct bench_run *run);
 
 #endif

@@ -21,6 +21,7 @@
 
 static const struct bench_scenario scenarios[] = {
 	{ "registry", "ns per record+forget pair, 1 and 2 threads", bench_registry },
+	{ "alloc", "pool alloc+free pairs/s vs malloc; first touch with huge pages", bench_alloc },
 };
 
 void bench_figure(struct bench_run *run, const char *name, double value,

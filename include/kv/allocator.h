@@ -301,10 +301,10 @@ KV_API void kv_pool_flush(struct kv_pool *p);
 /* A snapshot of a pool, taken under its lock. "Used" blocks are those not
  * on the central free list: handed out, or sitting in a thread cache.
  * The registry's "<label>" record follows the used bytes in steps: it is
- * rewritten when the used count has moved by max(64 blocks, 1/8 of a
- * chunk) since the last write, on every grow, and exactly on
- * kv_pool_flush() and kv_pool_destroy(); "<label>/free" always holds the
- * rest of the committed bytes, so the two sum to committed_bytes. */
+ * rewritten on every grow and whenever the used count has moved by
+ * max(64 blocks, 1/8 of a chunk) since the last write, so it lags by less
+ * than that; kv_pool_flush() makes it exact. "<label>/free" always holds
+ * the rest of the committed bytes: the two sum to committed_bytes. */
 struct kv_pool_stats {
 	size_t block_bytes;      /* as configured */
 	size_t block_stride;     /* bytes between blocks (size rounded to align) */

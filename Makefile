@@ -22,8 +22,11 @@ demo: deps all
 test: deps
 	@scripts/test.sh
 
+# io keeps a 2 GiB data file in $(BUILD)/ between runs.
 bench: all
 	./$(BUILD)/bench/kv-bench registry
+	./$(BUILD)/bench/kv-bench alloc
+	./$(BUILD)/bench/kv-bench io --dir $(BUILD)
 
 install: all
 	meson configure $(BUILD) -Dprefix=$(PREFIX)

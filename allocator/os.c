@@ -4,9 +4,8 @@
  * hwloc area binding, each behind a kv_os_*() function that tests can make
  * fail on the Nth call (kv_os_inject()), plus the read-only facts the
  * placement decisions need (free huge pages, THP, page size, where pages
- * are). Nothing here keeps state but the injection counters.
+ * are). Nothing here keeps state but the injection counters (seam.c).
  */
-#include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -17,52 +16,23 @@
 
 #include "allocator-impl.h"
 
-#define OS_OPS 7
-
-static atomic_uint inj_ops;
-static atomic_uint inj_left;
-static atomic_int inj_err;
-static atomic_ulong os_calls[OS_OPS];
+static struct kv_seam os_seam;
 
 void kv_os_inject(unsigned ops, unsigned nth, int err)
 {
-	atomic_store(&inj_ops, 0);
-	atomic_store(&inj_err, err > 0 ? err : -err);
-	atomic_store(&inj_left, nth);
-	atomic_store(&inj_ops, nth ? ops : 0);
+	kv_seam_inject(&os_seam, ops, nth, err > 0 ? err : -err);
 }
 
 unsigned long kv_os_calls(unsigned ops)
 {
-	unsigned long n = 0;
-
-	for (int i = 0; i < OS_OPS; i++)
-		if (ops & (1u << i))
-			n += atomic_load(&os_calls[i]);
-	return n;
+	return kv_seam_calls(&os_seam, ops);
 }
 
 /* Count a call of `op` (one or more bits) and say whether it must fail:
  * 0, or the injected -errno. */
 static int seam(unsigned op)
 {
-	unsigned left;
-
-	for (int i = 0; i < OS_OPS; i++)
-		if (op & (1u << i))
-			atomic_fetch_add(&os_calls[i], 1);
-	if (!(atomic_load(&inj_ops) & op))
-		return 0;
-	left = atomic_load(&inj_left);
-	while (left) {
-		if (atomic_compare_exchange_weak(&inj_left, &left, left - 1)) {
-			if (left != 1)
-				return 0;
-			atomic_store(&inj_ops, 0);
-			return -atomic_load(&inj_err);
-		}
-	}
-	return 0;
+	return -kv_seam_hit(&os_seam, op);
 }
 
 void *kv_os_mmap(void *addr, size_t len, int prot, int flags, int *err)

@@ -28,6 +28,8 @@ struct bench_figure {
 struct bench_run {
 	int reps;             /* repetitions a scenario takes the median of */
 	bool quick;           /* smaller sizes (used by the smoke test) */
+	const char *dir;      /* --dir: where I/O scenarios put their files
+			       * (NULL: the current directory) */
 	struct bench_figure figures[BENCH_MAX_FIGURES];
 	size_t n_figures;
 };
@@ -50,5 +52,6 @@ struct bench_scenario {
 
 int bench_registry(struct bench_run *run);
 int bench_alloc(struct bench_run *run);
+int bench_io(struct bench_run *run);
 
 #endif

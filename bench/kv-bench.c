@@ -22,6 +22,7 @@
 static const struct bench_scenario scenarios[] = {
 	{ "registry", "ns per record+forget pair, 1 and 2 threads", bench_registry },
 	{ "alloc", "pool alloc+free pairs/s vs malloc; first touch with huge pages", bench_alloc },
+	{ "io", "kv_io O_DIRECT reads at QD1/16/64 vs a raw io_uring loop and pread", bench_io },
 };
 
 void bench_figure(struct bench_run *run, const char *name, double value,
@@ -146,7 +147,7 @@ static void print_table(const char *scenario, const struct bench_run *run)
 
 static void usage(FILE *out)
 {
-	fprintf(out, "usage: kv-bench <scenario> [--json] [--reps N] [--quick]\n"
+	fprintf(out, "usage: kv-bench <scenario> [--json] [--reps N] [--quick] [--dir DIR]\n"
 		     "       kv-bench --list\n"
 		     "scenarios:\n");
 	for (size_t i = 0; i < KV_ARRAY_SIZE(scenarios); i++)
@@ -168,6 +169,8 @@ int main(int argc, char **argv)
 			json = true;
 		} else if (strcmp(argv[i], "--quick") == 0) {
 			run->quick = true;
+		} else if (strcmp(argv[i], "--dir") == 0 && i + 1 < argc) {
+			run->dir = argv[++i];
 		} else if (strcmp(argv[i], "--reps") == 0 && i + 1 < argc) {
 			char *end;
 			long r = strtol(argv[++i], &end, 10);

@@ -55,6 +55,32 @@ static inline uint64_t kv_now_ns(void)
 struct hwloc_topology;
 struct hwloc_topology *kv_hw_topology(void);
 
+/* Fault injection for OS seams: kv_seam_hit() counts a call of `op` (a
+ * bit set of up to KV_SEAM_OPS operations) and returns 0, or `value` once
+ * when it is the nth call since kv_seam_inject() of an op in `ops`. A
+ * zero-initialised struct kv_seam injects nothing. */
+#include <stdatomic.h>
+#define KV_SEAM_OPS 8
+struct kv_seam {
+	atomic_uint ops;
+	atomic_uint left;
+	atomic_int value;
+	atomic_ulong calls[KV_SEAM_OPS];
+};
+void kv_seam_inject(struct kv_seam *s, unsigned ops, unsigned nth, int value);
+unsigned long kv_seam_calls(const struct kv_seam *s, unsigned ops);
+int kv_seam_hit(struct kv_seam *s, unsigned op);
+
+/* O_DIRECT alignment of a file or directory as statx(STATX_DIOALIGN)
+ * reports it: 1 when statx answered (*offset_align 0 then means "no direct
+ * I/O here"), 0 when it cannot tell (old kernel or file system). */
+#include <sys/types.h>
+int kv_hw_dio_align(int dirfd, const char *path, int at_flags, uint32_t *offset_align,
+		    uint32_t *mem_align);
+/* The logical block size of the block device dev (for a partition, its
+ * disk's), from sysfs; 0 when unknown (tmpfs, no block device). */
+uint32_t kv_hw_block_size(dev_t dev);
+
 /* JSON output: a quoted, escaped string (NULL prints ""); a number, or
  * null when not finite. */
 #include <stdio.h>

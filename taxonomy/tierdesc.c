@@ -703,50 +703,26 @@ struct ssd_ctx {
 	uint32_t align; /* best alignment known before the probe */
 };
 
-/* The logical block size of the device holding st_dev, from sysfs; a
- * partition has no queue/ of its own, its parent disk does. 0 if unknown. */
-static uint32_t sysfs_block_size(dev_t dev)
-{
-	static const char *const rel[] = { "queue", "../queue" };
-
-	for (size_t i = 0; i < KV_ARRAY_SIZE(rel); i++) {
-		char path[128];
-		unsigned v = 0;
-		FILE *fp;
-
-		snprintf(path, sizeof(path), "/sys/dev/block/%u:%u/%s/logical_block_size",
-			 major(dev), minor(dev), rel[i]);
-		fp = fopen(path, "re");
-		if (!fp)
-			continue;
-		if (fscanf(fp, "%u", &v) != 1)
-			v = 0;
-		fclose(fp);
-		if (v && align_sane(v))
-			return v;
-	}
-	return 0;
-}
-
 /* The O_DIRECT offset alignment statx reports for fd/path, 0 if none (most
  * file systems report it for regular files only). mem_align gets the
  * buffer alignment when asked for. */
 static uint32_t statx_dio_align(int dirfd, const char *path, int at_flags,
 				uint32_t *mem_align)
 {
-#ifdef STATX_DIOALIGN
-	struct statx stx;
+	uint32_t off = 0, mem = 0;
 
-	memset(&stx, 0, sizeof(stx));
-	if (statx(dirfd, path, at_flags, STATX_DIOALIGN, &stx) == 0 &&
-	    (stx.stx_mask & STATX_DIOALIGN) && stx.stx_dio_offset_align &&
-	    align_sane(stx.stx_dio_offset_align)) {
-		if (mem_align)
-			*mem_align = stx.stx_dio_mem_align;
-		return stx.stx_dio_offset_align;
-	}
-#endif
-	return 0;
+	if (!kv_hw_dio_align(dirfd, path, at_flags, &off, &mem) || !off || !align_sane(off))
+		return 0;
+	if (mem_align)
+		*mem_align = mem;
+	return off;
+}
+
+static uint32_t sysfs_block_size(dev_t dev)
+{
+	uint32_t v = kv_hw_block_size(dev);
+
+	return align_sane(v) ? v : 0;
 }
 
 static int ssd_io_error(const char *dir, const char *what, int e)

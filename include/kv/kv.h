@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /* libkv umbrella header: include this one. Layers, bottom up:
  * core (errors, logging), taxonomy (tiers, kinds, the registry),
- * allocator (topology, budgets, arenas, block pools). */
+ * allocator (topology, budgets, arenas, block pools), offload (the I/O
+ * engine). */
 #ifndef KV_KV_H
 #define KV_KV_H
 
@@ -9,5 +10,6 @@
 #include <kv/core.h>
 #include <kv/taxonomy.h>
 #include <kv/allocator.h>
+#include <kv/offload.h>
 
 #endif

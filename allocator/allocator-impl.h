@@ -98,8 +98,22 @@ int kv_region_reserve(struct kv_region *r, size_t bytes, const struct kv_placeme
  * and for required placements -ENOTSUP, -EPERM, -ENOMEM. */
 int kv_region_commit(struct kv_region *r, size_t len);
 
+/* Return the last len committed bytes (a multiple of r->page_bytes) to
+ * the reservation: their memory is released. Errors: -EINVAL, or the OS
+ * error (then nothing changed). */
+int kv_region_uncommit(struct kv_region *r, size_t len);
+
 /* Unmap the whole reservation. Safe on a zeroed or released region. */
 void kv_region_release(struct kv_region *r);
+
+/* The DRAM node a registry record names for memory placed on `node`:
+ * itself, or for memory on no one node (first touch, interleave, binding
+ * degraded) the machine's lowest node, which the registry always accepts
+ * (node 0 may not exist). */
+static inline int kv_record_node(int node)
+{
+	return node >= 0 && node < KV_NODE_MAX ? node : __builtin_ctzll(kv_numa_nodes());
+}
 
 /* Round bytes up to a multiple of align (a power of two); 0 on overflow. */
 static inline size_t kv_round_up(size_t bytes, size_t align)

@@ -373,7 +373,7 @@ int kv_arena_create(const struct kv_arena_config *cfg, struct kv_arena **out)
 		goto fail_uncharge;
 
 	policy = obtained_policy(cfg->policy, &a->region.res);
-	node = a->region.res.node >= 0 ? a->region.res.node : 0;
+	node = kv_record_node(a->region.res.node);
 	rc = kv_registry_record(a->reg, 0, KV_TIER_DRAM, node, cfg->kind, policy,
 				a->label, &a->h_used);
 	if (rc) {

@@ -61,9 +61,20 @@ struct pool_cache {
 	_Atomic uint32_t n;
 	uint32_t cap;
 	struct kv_pool *pool;
-	struct pool_cache *next, *prev; /* the pool's list, under its lock */
-	uint32_t ids[];                 /* (cap) free ids, top at n - 1 */
+	uint64_t serial;                  /* never reused: the thread's key value */
+	struct pool_cache *next, *prev;   /* the pool's list, under its lock */
+	struct pool_cache *gnext, *gprev; /* all caches, under caches_lock */
+	uint32_t ids[];                   /* (cap) free ids, top at n - 1 */
 };
+
+/* Every thread cache of every pool. A thread's key holds its cache's
+ * serial, not its address: a thread-exit destructor may already be running
+ * when kv_pool_destroy() frees the caches of a pool, so the destructor
+ * looks its serial up here, under caches_lock, and finds nothing if the
+ * pool went first. Lock order: caches_lock, then a pool's lock. */
+static pthread_mutex_t caches_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct pool_cache *all_caches;
+static _Atomic uint64_t cache_serial;
 
 struct kv_pool {
 	/* Read-only after create: the lock-free paths read these. */
@@ -189,7 +200,11 @@ static inline uint32_t block_id_exact(const struct kv_pool *p, const void *block
 static uint32_t placement_policy(const struct kv_pool *p)
 {
 	const struct kv_placement_result *r = &p->region.res;
-	uint32_t pol = p->cfg_policy;
+	/* Only what was obtained: the registry must not claim a lock or huge
+	 * pages the pool did not get, whatever the config asked for. */
+	uint32_t pol = p->cfg_policy & ~(uint32_t)(KV_POLICY_PINNED | KV_POLICY_HUGEPAGE |
+						   KV_POLICY_NUMA_BIND |
+						   KV_POLICY_NUMA_INTERLEAVE);
 
 	if (r->huge != KV_HUGE_NONE)
 		pol |= KV_POLICY_HUGEPAGE;
@@ -204,9 +219,7 @@ static uint32_t placement_policy(const struct kv_pool *p)
 
 static int placement_node(const struct kv_pool *p)
 {
-	int n = p->region.res.node;
-
-	return n >= 0 && n < KV_NODE_MAX ? n : 0;
+	return kv_record_node(p->region.res.node);
 }
 
 /* ---- Registry --------------------------------------------------------- */
@@ -386,18 +399,38 @@ static void cache_unlink(struct kv_pool *p, struct pool_cache *c)
 		c->next->prev = c->prev;
 }
 
-/* pthread key destructor: the thread is exiting; give its blocks back. */
+static void cache_unlink_global(struct pool_cache *c)
+{
+	if (c->gprev)
+		c->gprev->gnext = c->gnext;
+	else
+		all_caches = c->gnext;
+	if (c->gnext)
+		c->gnext->gprev = c->gprev;
+}
+
+/* pthread key destructor: the thread is exiting; give its blocks back,
+ * unless its pool was destroyed meanwhile (then the cache is gone). */
 static void cache_exit(void *arg)
 {
-	struct pool_cache *c = arg;
-	struct kv_pool *p = c->pool;
+	uint64_t serial = (uint64_t)(uintptr_t)arg;
+	struct pool_cache *c;
 
-	pthread_mutex_lock(&p->lock);
-	cache_return(p, c);
-	cache_unlink(p, c);
-	publish_exact(p);
-	pthread_mutex_unlock(&p->lock);
-	if (tl_last.cache == c) {
+	pthread_mutex_lock(&caches_lock);
+	for (c = all_caches; c && c->serial != serial; c = c->gnext)
+		;
+	if (c) {
+		struct kv_pool *p = c->pool;
+
+		pthread_mutex_lock(&p->lock);
+		cache_return(p, c);
+		cache_unlink(p, c);
+		publish_exact(p);
+		pthread_mutex_unlock(&p->lock);
+		cache_unlink_global(c);
+	}
+	pthread_mutex_unlock(&caches_lock);
+	if (c && tl_last.cache == c) {
 		tl_last.serial = 0;
 		tl_last.cache = NULL;
 	}
@@ -409,8 +442,17 @@ static void cache_exit(void *arg)
  * slower, never wrong). */
 static struct pool_cache *cache_slow(struct kv_pool *p, bool create)
 {
-	struct pool_cache *c = pthread_getspecific(p->key);
+	uint64_t serial = (uint64_t)(uintptr_t)pthread_getspecific(p->key);
+	struct pool_cache *c = NULL;
 
+	if (serial) {
+		/* Only this thread adds or removes its own cache, and the pool
+		 * is not being destroyed while we use it: the walk is safe. */
+		pthread_mutex_lock(&p->lock);
+		for (c = p->caches; c && c->serial != serial; c = c->next)
+			;
+		pthread_mutex_unlock(&p->lock);
+	}
 	if (!c && create) {
 		c = malloc(sizeof(*c) + (size_t)p->cache_cap * sizeof(uint32_t));
 		if (!c)
@@ -418,17 +460,24 @@ static struct pool_cache *cache_slow(struct kv_pool *p, bool create)
 		atomic_init(&c->n, 0);
 		c->cap = p->cache_cap;
 		c->pool = p;
-		c->prev = NULL;
-		if (pthread_setspecific(p->key, c) != 0) {
+		c->serial = atomic_fetch_add(&cache_serial, 1) + 1;
+		c->prev = c->gprev = NULL;
+		if (pthread_setspecific(p->key, (void *)(uintptr_t)c->serial) != 0) {
 			free(c);
 			return NULL;
 		}
+		pthread_mutex_lock(&caches_lock);
 		pthread_mutex_lock(&p->lock);
 		c->next = p->caches;
 		if (c->next)
 			c->next->prev = c;
 		p->caches = c;
+		c->gnext = all_caches;
+		if (c->gnext)
+			c->gnext->gprev = c;
+		all_caches = c;
 		pthread_mutex_unlock(&p->lock);
+		pthread_mutex_unlock(&caches_lock);
 	}
 	if (c) {
 		tl_last.serial = p->serial;
@@ -714,16 +763,20 @@ int kv_pool_destroy(struct kv_pool *p, unsigned flags)
 		       p->label, held, b);
 	}
 
-	/* Caches of threads still running are freed here; the key goes
-	 * first so no thread-exit destructor can run on them afterwards. */
+	/* Caches of threads still running are freed here. The key goes
+	 * first so no new thread-exit destructor starts; one already running
+	 * waits on caches_lock and then finds its cache gone. */
+	pthread_mutex_lock(&caches_lock);
 	if (p->cache_cap)
 		pthread_key_delete(p->key);
 	while (p->caches) {
 		struct pool_cache *c = p->caches;
 
 		p->caches = c->next;
+		cache_unlink_global(c);
 		free(c);
 	}
+	pthread_mutex_unlock(&caches_lock);
 	if (tl_last.serial == p->serial) {
 		tl_last.serial = 0;
 		tl_last.cache = NULL;
@@ -891,6 +944,33 @@ int kv_pool_free_id(struct kv_pool *p, uint32_t id)
 	return free_checked(p, id);
 }
 
+/* Undo the grows of a bulk allocation that failed half way, so a failed
+ * call leaves the committed bytes and the budget as they were. The blocks
+ * those grows pushed are on top of the central stack (the lock was held
+ * throughout). If the memory cannot be returned, the blocks stay: more
+ * capacity, never a leak. Lock held; the detail of the failure is kept. */
+static void shrink_back(struct kv_pool *p, size_t start_bytes, uint32_t start_n,
+			uint32_t start_chunks)
+{
+	const uint32_t grown = atomic_load_explicit(&p->n_committed, RELAXED) - start_n;
+	const size_t bytes = p->region.committed - start_bytes;
+	char detail[512];
+
+	snprintf(detail, sizeof(detail), "%s", kv_last_error());
+	if (kv_region_uncommit(&p->region, bytes) != 0) {
+		kv_log(KV_LOG_WARN, "pool '%s': keeping %zu bytes grown for a failed bulk "
+		       "allocation: %s", p->label, bytes, kv_last_error());
+	} else {
+		p->n_free -= grown;
+		p->chunks = start_chunks;
+		atomic_store_explicit(&p->n_committed, start_n, memory_order_release);
+		if (p->budget)
+			kv_budget_uncharge(p->budget, KV_TIER_DRAM, p->budget_node, bytes);
+		publish_exact(p);
+	}
+	kv_fail(ENOMEM, "%s", detail);
+}
+
 int kv_pool_alloc_n(struct kv_pool *p, uint32_t n, uint32_t *ids)
 {
 	uint64_t avail;
@@ -910,8 +990,14 @@ int kv_pool_alloc_n(struct kv_pool *p, uint32_t n, uint32_t *ids)
 			       " left within max_bytes (%" PRIu32 " blocks)", p->label, n, avail,
 			       p->max_blocks);
 	}
+	const size_t start_bytes = p->region.committed;
+	const uint32_t start_n = atomic_load_explicit(&p->n_committed, RELAXED);
+	const uint32_t start_chunks = p->chunks;
+
 	while (p->n_free < n && rc == 0)
 		rc = pool_grow(p);
+	if (rc && p->region.committed > start_bytes)
+		shrink_back(p, start_bytes, start_n, start_chunks);
 	if (rc == 0) {
 		p->n_free -= n;
 		for (uint32_t i = 0; i < n; i++)

@@ -95,6 +95,8 @@ static int resolve_numa(struct kv_region *r)
 	switch (pl->numa) {
 	case KV_NUMA_LOCAL:
 		r->res.node = node_of_calling_thread();
+		if (r->res.node >= 64 || !(machine & (UINT64_C(1) << r->res.node)))
+			r->res.node = __builtin_ctzll(machine); /* beyond libkv's node masks */
 		r->res.nodes = UINT64_C(1) << r->res.node;
 		break;
 	case KV_NUMA_BIND:
@@ -399,6 +401,26 @@ fail_mapped_none:
 		memcpy(r->res.degraded, notes, sizeof(notes));
 	}
 	return rc;
+}
+
+int kv_region_uncommit(struct kv_region *r, size_t len)
+{
+	char *addr;
+	void *p;
+	int err;
+
+	if (len == 0 || len % r->page_bytes || len > r->committed)
+		return kv_fail(EINVAL, "%s: uncommit of %zu bytes (%zu committed, page %zu)", r->what,
+			       len, r->committed, r->page_bytes);
+	addr = r->base + r->committed - len;
+	/* A fresh PROT_NONE mapping over the range drops its pages and any
+	 * lock, whatever page size committed it. */
+	p = kv_os_mmap(addr, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED,
+		       &err);
+	if (p == MAP_FAILED)
+		return kv_fail(-err, "%s: uncommit of %zu bytes: %s", r->what, len, kv_strerror(err));
+	r->committed -= len;
+	return 0;
 }
 
 void kv_region_release(struct kv_region *r)

@@ -57,8 +57,15 @@ const char *kv_strerror(int err)
 	case ENOTSUP: return "-ENOTSUP: not supported";
 	case ETIMEDOUT: return "-ETIMEDOUT: timed out";
 	case ECANCELED: return "-ECANCELED: canceled";
-	case ESTALE: return "-ESTALE: stale handle";
-	default: return "unknown error";
+	case ESTALE: return "-ESTALE: stale handle or foreign data";
+	case EINTR: return "-EINTR: interrupted";
+	case EMFILE: return "-EMFILE: too many open files";
+	case ESHUTDOWN: return "-ESHUTDOWN: shutting down";
+	case EINPROGRESS: return "-EINPROGRESS: in progress";
+	case EDQUOT: return "-EDQUOT: disk quota exceeded";
+	case ENXIO: return "-ENXIO: no such device or address";
+	case ESRCH: return "-ESRCH: no such process";
+	default: return "unknown error (see errno.h)";
 	}
 }
 

@@ -342,6 +342,9 @@ int kv_registry_create(const struct kv_registry_config *cfg, struct kv_registry 
 	reg->index = calloc(index_size, sizeof(*reg->index));
 	reg->labels = zalloc_lines(reg->max_labels, sizeof(*reg->labels));
 	reg->shards = zalloc_lines(shards, sizeof(*reg->shards));
+	if (reg->shards) /* before any failure path: registry_free destroys them */
+		for (uint32_t i = 0; i < shards; i++)
+			pthread_mutex_init(&reg->shards[i].lock, NULL);
 	if (!reg->name || !reg->index || !reg->labels || !reg->shards) {
 		registry_free(reg);
 		return kv_fail(ENOMEM, "registry '%s': no memory", name);
@@ -349,7 +352,6 @@ int kv_registry_create(const struct kv_registry_config *cfg, struct kv_registry 
 	reg->labels[0].name = (char *)"";
 	atomic_store(&reg->n_labels, 1);
 	for (uint32_t i = 0; i < shards; i++) {
-		pthread_mutex_init(&reg->shards[i].lock, NULL);
 		reg->shards[i].counts = zalloc_lines(1, sizeof(struct shard_counts));
 		if (!reg->shards[i].counts) {
 			registry_free(reg);

@@ -47,8 +47,8 @@ struct kv_topo_node {
 /* Snapshot the machine: NUMA nodes, cores, page sizes, huge page counts.
  * On a machine where hwloc reports no NUMA node the topology has one node
  * (os_index 0, all memory and PUs) and kv_topo_numa_reported() is false,
- * and it says so in an info log line. Errors: -EINVAL (NULL out), -ENOMEM,
- * -EIO (hwloc failed).
+ * and it says so in an info log line (also when hwloc could not load a
+ * topology at all). Errors: -EINVAL (NULL out), -ENOMEM.
  * Ownership: destroy with kv_topo_destroy(). Thread safety: a topology is
  * immutable, any thread may query it. */
 KV_API int kv_topo_create(struct kv_topo **out);
@@ -270,7 +270,9 @@ KV_API int kv_pool_create(const struct kv_pool_config *cfg,
 			  struct kv_pool **out);
 
 /* Destroy. With blocks still allocated: -EBUSY (nothing done) unless
- * KV_POOL_FORCE. Thread safety: no concurrent use. */
+ * KV_POOL_FORCE (blocks in thread caches count as free). Thread safety:
+ * no concurrent call on the pool; threads that used it may still be
+ * running or exiting (their caches are reclaimed here). */
 #define KV_POOL_FORCE 1u
 KV_API int kv_pool_destroy(struct kv_pool *p, unsigned flags);
 
@@ -285,7 +287,7 @@ KV_API int kv_pool_free(struct kv_pool *p, void *block);
 KV_API int kv_pool_free_id(struct kv_pool *p, uint32_t id);
 
 /* n blocks at once, all or nothing: ids[0..n) filled. Errors: -ENOMEM
- * (then no block was taken). */
+ * (then no block was taken, and chunks grown on the way are returned). */
 KV_API int kv_pool_alloc_n(struct kv_pool *p, uint32_t n, uint32_t *ids);
 KV_API int kv_pool_free_n(struct kv_pool *p, uint32_t n, const uint32_t *ids);
 

@@ -142,7 +142,8 @@ KV_API int kv_registry_create(const struct kv_registry_config *cfg,
 
 /* Destroy a registry. If records are still live it returns -EBUSY, keeps
  * the registry intact, logs one warning line per leaked record (label,
- * kind, tier, node, bytes) and puts a summary in kv_last_error(); with
+ * kind, tier, node, bytes; the first 64, then a count of the rest) and
+ * puts a summary in kv_last_error(); with
  * KV_REGISTRY_FORCE it logs the same and releases anyway (returns 0).
  * NULL is a no-op. The default registry cannot be destroyed (-EPERM).
  * Thread safety: no other thread may use reg during or after the call. */
@@ -159,7 +160,8 @@ KV_API const char *kv_registry_name(const struct kv_registry *reg);
 /* Record `bytes` at (tier, node) of `kind` with `policy`. label may be NULL.
  * Errors: -EINVAL (tier, kind, policy bits, node out of range; a DRAM node
  * not in the registry's node mask; label too long), -ENOSPC (label table
- * full), -ENOMEM. On error *out is untouched and nothing is recorded.
+ * full), -ENOMEM. On error *out is untouched and nothing is recorded
+ * (a label seen for the first time may stay known to kv_registry_label()).
  * Thread safety: any thread, concurrently with every call but destroy. */
 KV_API int kv_registry_record(struct kv_registry *reg, size_t bytes,
 			      enum kv_tier tier, int node, enum kv_kind kind,

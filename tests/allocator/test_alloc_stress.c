@@ -12,6 +12,7 @@
  * KV_STRESS_OPS the operations per thread.
  */
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 
 #include "kvtest.h"
@@ -368,11 +369,61 @@ static void test_stress_thread_cache(void **state)
 	run_stress(32);
 }
 
+/* A thread that used a pool through its cache and is exiting while the
+ * pool is destroyed: its exit-time flush must not touch the freed pool
+ * (under the thread sanitizer this would show as a use after free). */
+struct exiting {
+	struct kv_pool *pool;
+	atomic_int done;
+	int rc;
+};
+
+static void *use_and_leave(void *arg)
+{
+	struct exiting *e = arg;
+	void *b[8];
+
+	for (int i = 0; i < 8 && e->rc == 0; i++)
+		e->rc = kv_pool_alloc(e->pool, &b[i], NULL);
+	for (int i = 0; i < 8 && e->rc == 0; i++)
+		e->rc = kv_pool_free(e->pool, b[i]);
+	atomic_store(&e->done, 1);
+	return NULL; /* the cache's destructor runs from here on */
+}
+
+static void test_destroy_while_user_thread_exits(void **state)
+{
+	struct kv_registry *reg;
+
+	(void)state;
+	kv_assert_ok(kv_registry_create(NULL, &reg));
+	for (int round = 0; round < 50; round++) {
+		struct kv_pool_config cfg;
+		struct exiting e = { 0 };
+		pthread_t th;
+
+		kv_pool_config_default(&cfg);
+		cfg.block_bytes = 4096;
+		cfg.max_bytes = 4u << 20;
+		cfg.thread_cache = 16;
+		cfg.registry = reg;
+		kv_assert_ok(kv_pool_create(&cfg, &e.pool));
+		assert_int_equal(pthread_create(&th, NULL, use_and_leave, &e), 0);
+		while (!atomic_load(&e.done))
+			sched_yield();
+		kv_assert_ok(kv_pool_destroy(e.pool, 0));
+		assert_int_equal(pthread_join(th, NULL), 0);
+		kv_assert_ok(e.rc);
+	}
+	kv_assert_ok(kv_registry_destroy(reg, 0));
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_stress_no_cache),
 		cmocka_unit_test(test_stress_thread_cache),
+		cmocka_unit_test(test_destroy_while_user_thread_exits),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

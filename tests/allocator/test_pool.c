@@ -346,6 +346,82 @@ static void test_budget_exact(void **state)
 	free(ids);
 }
 
+/* A bulk allocation that grows a chunk and is then refused by the budget
+ * returns that chunk: budget, committed bytes and registry as before. */
+static void test_bulk_refused_gives_back_chunks(void **state)
+{
+	const size_t stride = 4 * KiB;
+	struct kv_budget_usage u;
+	struct kv_pool_stats before, after;
+	struct kv_budget *b;
+	struct kv_pool_config cfg;
+	struct kv_pool *p;
+	uint32_t ids[1024];
+
+	(void)state;
+	kv_assert_ok(kv_budget_create(&b));
+	kv_assert_ok(kv_budget_set(b, KV_TIER_DRAM, KV_ANY, 3 * MiB));
+	config(&cfg, stride, 16 * MiB);
+	cfg.chunk_bytes = 2 * MiB;
+	cfg.budget = b;
+	kv_assert_ok(kv_pool_create(&cfg, &p));
+	before = stats_of(p);
+	kv_assert_rc(kv_pool_alloc_n(p, 1024, ids), -ENOMEM);
+	assert_non_null(strstr(kv_last_error(), "budget"));
+	after = stats_of(p);
+	assert_same_stats(&before, &after);
+	kv_assert_ok(kv_budget_usage(b, KV_TIER_DRAM, KV_ANY, &u));
+	assert_int_equal(u.used, 0);
+	assert_int_equal(registry_total("tpool"), 0);
+	kv_assert_ok(kv_pool_validate(p));
+	/* Half fits the budget: one chunk, then it works. */
+	kv_assert_ok(kv_pool_alloc_n(p, 512, ids));
+	kv_assert_ok(kv_budget_usage(b, KV_TIER_DRAM, KV_ANY, &u));
+	assert_int_equal(u.used, 2 * MiB);
+	kv_assert_ok(kv_pool_free_n(p, 512, ids));
+	kv_assert_ok(kv_pool_validate(p));
+	kv_assert_ok(kv_pool_destroy(p, 0));
+	kv_assert_ok(kv_budget_destroy(b));
+}
+
+struct policy_seen {
+	uint32_t policy;
+	int n;
+};
+
+static int note_policy(const struct kv_record *r, void *ctx)
+{
+	struct policy_seen *ps = ctx;
+
+	if (strncmp(r->label, "tpool", 5) == 0) {
+		ps->policy |= r->policy;
+		ps->n++;
+	}
+	return 0;
+}
+
+/* The registry shows the placement obtained, not the one asked for: a
+ * config that claims pinned and huge pages on an unlocked base-page pool
+ * must not make the records claim them. */
+static void test_policy_bits_are_obtained(void **state)
+{
+	struct kv_pool_config cfg;
+	struct policy_seen ps = { 0, 0 };
+	struct kv_pool *p;
+	uint32_t id;
+
+	(void)state;
+	config(&cfg, 4 * KiB, 4 * MiB);
+	cfg.policy = KV_POLICY_PINNED | KV_POLICY_HUGEPAGE | KV_POLICY_SPILLABLE;
+	kv_assert_ok(kv_pool_create(&cfg, &p));
+	kv_assert_ok(kv_pool_alloc(p, NULL, &id));
+	kv_assert_ok(kv_registry_foreach(reg, note_policy, &ps));
+	assert_int_equal(ps.n, 2);
+	assert_int_equal(ps.policy, KV_POLICY_SPILLABLE);
+	kv_assert_ok(kv_pool_free_id(p, id));
+	kv_assert_ok(kv_pool_destroy(p, 0));
+}
+
 /* ---- Bad input -------------------------------------------------------- */
 
 static void test_bad_input(void **state)
@@ -849,6 +925,8 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_roundtrip, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_max_bytes_exact, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_budget_exact, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_bulk_refused_gives_back_chunks, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_policy_bits_are_obtained, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_bad_input, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_bulk, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_fault_injection, setup, teardown),

@@ -50,8 +50,30 @@ struct bench_scenario {
 	int (*run)(struct bench_run *run);  /* 0 or -errno */
 };
 
+/* Make `path` a file of `bytes` seeded pseudo-random bytes, written with
+ * large O_DIRECT writes, unless it already has that size (kept between
+ * runs). `who` names the scenario in messages. 0 or -errno. */
+int bench_data_file(const char *path, uint64_t bytes, const char *who);
+
 int bench_registry(struct bench_run *run);
 int bench_alloc(struct bench_run *run);
 int bench_io(struct bench_run *run);
+int bench_store(struct bench_run *run);
+int bench_stream(struct bench_run *run);
+
+/* The raw reference loop of the I/O scenarios (bench_io.c): count
+ * O_DIRECT requests of `block` bytes, `depth` in flight, straight on
+ * liburing, at the offsets offset(ctx, i) gives; GB/s into *gbps. */
+struct bench_raw_loop {
+	const char *path;
+	bool write;               /* writes (the file must exist) or reads */
+	size_t block;             /* bytes per request, aligned */
+	unsigned depth;
+	uint64_t count;           /* requests */
+	char *bufs;               /* (depth, block), aligned */
+	uint64_t (*offset)(void *ctx, uint64_t i);
+	void *ctx;
+};
+int bench_raw_uring(const struct bench_raw_loop *l, double *gbps);
 
 #endif

@@ -55,29 +55,26 @@ static uint64_t block_offset(struct io_bench *b, bool rnd, uint64_t i)
 	return (i % b->blocks) * BLOCK;
 }
 
-/* Create the file with large sequential O_DIRECT writes unless it is
- * already there with the right size. */
-static int ensure_file(struct io_bench *b)
+int bench_data_file(const char *path, uint64_t bytes, const char *who)
 {
 	struct stat st;
 	uint64_t seed = 1;
 	char *buf;
 	int fd;
 
-	if (stat(b->path, &st) == 0 && (uint64_t)st.st_size == b->file_bytes)
+	if (stat(path, &st) == 0 && (uint64_t)st.st_size == bytes)
 		return 0;
-	fprintf(stderr, "kv-bench io: writing %" PRIu64 " MiB to %s\n", b->file_bytes >> 20,
-		b->path);
-	fd = open(b->path, O_WRONLY | O_CREAT | O_TRUNC | O_DIRECT | O_CLOEXEC, 0600);
+	fprintf(stderr, "kv-bench %s: writing %" PRIu64 " MiB to %s\n", who, bytes >> 20, path);
+	fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_DIRECT | O_CLOEXEC, 0600);
 	if (fd < 0)
-		return kv_fail(errno, "io bench: create %s: %s (O_DIRECT: use --dir on a disk)",
-			       b->path, strerror(errno));
+		return kv_fail(errno, "%s bench: create %s: %s (O_DIRECT: use --dir on a disk)",
+			       who, path, strerror(errno));
 	buf = aligned_alloc(4 * MiB, 4 * MiB);
 	if (!buf) {
 		close(fd);
-		return kv_fail(ENOMEM, "io bench: out of memory");
+		return kv_fail(ENOMEM, "%s bench: out of memory", who);
 	}
-	for (uint64_t off = 0; off < b->file_bytes; off += 4 * MiB) {
+	for (uint64_t off = 0; off < bytes; off += 4 * MiB) {
 		for (size_t i = 0; i < 4 * MiB; i += 8) {
 			uint64_t v = next_rand(&seed);
 
@@ -88,8 +85,8 @@ static int ensure_file(struct io_bench *b)
 
 			free(buf);
 			close(fd);
-			unlink(b->path);
-			return kv_fail(e, "io bench: write %s: %s", b->path, strerror(e));
+			unlink(path);
+			return kv_fail(e, "%s bench: write %s: %s", who, path, strerror(e));
 		}
 	}
 	free(buf);
@@ -138,26 +135,30 @@ static int kvio_run(struct io_bench *b, struct kv_io *io, int file, unsigned dep
 
 /* ---- The raw references ------------------------------------------------ */
 
-static int raw_run(struct io_bench *b, unsigned depth, bool rnd, double *gbps)
+int bench_raw_uring(const struct bench_raw_loop *l, double *gbps)
 {
 	struct io_uring ring;
-	uint64_t n = b->rep_bytes / BLOCK, issued = 0, done = 0, t0;
+	uint64_t n = l->count, issued = 0, done = 0, t0;
 	int fd, rc;
 
-	fd = open(b->path, O_RDONLY | O_DIRECT | O_CLOEXEC);
+	fd = open(l->path, (l->write ? O_WRONLY : O_RDONLY) | O_DIRECT | O_CLOEXEC);
 	if (fd < 0)
-		return kv_fail(errno, "io bench: open %s: %s", b->path, strerror(errno));
-	rc = io_uring_queue_init(depth, &ring, 0);
+		return kv_fail(errno, "bench: open %s: %s", l->path, strerror(errno));
+	rc = io_uring_queue_init(l->depth, &ring, 0);
 	if (rc < 0) {
 		close(fd);
-		return kv_fail(-rc, "io bench: io_uring_queue_init: %s", strerror(-rc));
+		return kv_fail(-rc, "bench: io_uring_queue_init: %s", strerror(-rc));
 	}
 	t0 = kv_now_ns();
-	for (unsigned i = 0; i < depth && issued < n; i++, issued++) {
+	for (unsigned i = 0; i < l->depth && issued < n; i++, issued++) {
 		struct io_uring_sqe *sqe = io_uring_get_sqe(&ring);
 
-		io_uring_prep_read(sqe, fd, b->bufs + i * BLOCK, BLOCK,
-				   block_offset(b, rnd, issued));
+		if (l->write)
+			io_uring_prep_write(sqe, fd, l->bufs + i * l->block, (unsigned)l->block,
+					    l->offset(l->ctx, issued));
+		else
+			io_uring_prep_read(sqe, fd, l->bufs + i * l->block, (unsigned)l->block,
+					   l->offset(l->ctx, issued));
 		io_uring_sqe_set_data64(sqe, i);
 	}
 	while (done < n) {
@@ -171,7 +172,7 @@ static int raw_run(struct io_bench *b, unsigned depth, bool rnd, double *gbps)
 			uint64_t slot = io_uring_cqe_get_data64(cqe);
 
 			seen++;
-			if (cqe->res != (int)BLOCK) {
+			if (cqe->res != (int)l->block) {
 				rc = cqe->res < 0 ? cqe->res : -EIO;
 				break;
 			}
@@ -179,9 +180,14 @@ static int raw_run(struct io_bench *b, unsigned depth, bool rnd, double *gbps)
 			done++;
 			if (issued < n) {
 				struct io_uring_sqe *sqe = io_uring_get_sqe(&ring);
+				uint64_t off = l->offset(l->ctx, issued++);
 
-				io_uring_prep_read(sqe, fd, b->bufs + slot * BLOCK, BLOCK,
-						   block_offset(b, rnd, issued++));
+				if (l->write)
+					io_uring_prep_write(sqe, fd, l->bufs + slot * l->block,
+							    (unsigned)l->block, off);
+				else
+					io_uring_prep_read(sqe, fd, l->bufs + slot * l->block,
+							   (unsigned)l->block, off);
 				io_uring_sqe_set_data64(sqe, slot);
 			}
 		}
@@ -192,9 +198,32 @@ static int raw_run(struct io_bench *b, unsigned depth, bool rnd, double *gbps)
 	io_uring_queue_exit(&ring);
 	close(fd);
 	if (rc < 0)
-		return kv_fail(-rc, "io bench: raw io_uring read: %s", strerror(-rc));
-	*gbps = (double)(n * BLOCK) / (double)(kv_now_ns() - t0);
+		return kv_fail(-rc, "bench: raw io_uring %s: %s", l->write ? "write" : "read",
+			       strerror(-rc));
+	*gbps = (double)(n * l->block) / (double)(kv_now_ns() - t0);
 	return 0;
+}
+
+struct raw_ctx {
+	struct io_bench *b;
+	bool rnd;
+};
+
+static uint64_t raw_offset(void *ctx, uint64_t i)
+{
+	struct raw_ctx *c = ctx;
+
+	return block_offset(c->b, c->rnd, i);
+}
+
+static int raw_run(struct io_bench *b, unsigned depth, bool rnd, double *gbps)
+{
+	struct raw_ctx c = { b, rnd };
+	struct bench_raw_loop l = { .path = b->path, .block = BLOCK, .depth = depth,
+				    .count = b->rep_bytes / BLOCK, .bufs = b->bufs,
+				    .offset = raw_offset, .ctx = &c };
+
+	return bench_raw_uring(&l, gbps);
 }
 
 static int pread_run(struct io_bench *b, double *gbps)
@@ -253,7 +282,7 @@ int bench_io(struct bench_run *run)
 	b.rep_bytes = run->quick ? 128 * MiB : 1024 * MiB;
 	b.blocks = b.file_bytes / BLOCK;
 	snprintf(b.path, sizeof(b.path), "%s/kv-bench-io.dat", dir);
-	rc = ensure_file(&b);
+	rc = bench_data_file(b.path, b.file_bytes, "io");
 	if (rc)
 		return rc;
 	b.bufs = aligned_alloc(BLOCK, MAX_DEPTH * BLOCK);

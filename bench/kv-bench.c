@@ -23,6 +23,8 @@ static const struct bench_scenario scenarios[] = {
 	{ "registry", "ns per record+forget pair, 1 and 2 threads", bench_registry },
 	{ "alloc", "pool alloc+free pairs/s vs malloc; first touch with huge pages", bench_alloc },
 	{ "io", "kv_io O_DIRECT reads at QD1/16/64 vs a raw io_uring loop and pread", bench_io },
+	{ "store", "kv_store put/get of 256 KiB checksummed extents vs raw io_uring", bench_store },
+	{ "stream", "kv_stream read-ahead under a 25 % budget vs raw O_DIRECT bandwidth", bench_stream },
 };
 
 void bench_figure(struct bench_run *run, const char *name, double value,

@@ -103,6 +103,39 @@ static const char *op_name(bool write)
 	return write ? "write" : "read";
 }
 
+/* ---- Callers and destroy ------------------------------------------------ */
+
+/* Every entry point that touches the engine's tables, locks or tickets
+ * counts itself in io->callers for as long as it runs: kv_io_destroy()
+ * sets `stopping`, then waits for the count to reach zero before it frees
+ * anything, and a call arriving after `stopping` leaves at once with
+ * -ESHUTDOWN. Both under q_lock, so destroy can never see zero while a
+ * caller is between its check and its count.
+ * Collecting (wait, poll) is the exception: it starts no work, destroy
+ * completes every request before it returns, and refusing it would hand
+ * the caller back a buffer and a struct the engine still writes to. */
+static int io_enter(struct kv_io *io, const char *what, bool collect)
+{
+	pthread_mutex_lock(&io->q_lock);
+	if (io->stopping && !collect) {
+		pthread_mutex_unlock(&io->q_lock);
+		return kv_fail(ESHUTDOWN, "io: %s: the engine is being destroyed", what);
+	}
+	io->callers++;
+	pthread_mutex_unlock(&io->q_lock);
+	return 0;
+}
+
+/* The caller touches nothing of io after this returns: once the count is
+ * zero destroy may free the engine. */
+static void io_leave(struct kv_io *io)
+{
+	pthread_mutex_lock(&io->q_lock);
+	if (--io->callers == 0 && io->stopping)
+		pthread_cond_broadcast(&io->drain_cond);
+	pthread_mutex_unlock(&io->q_lock);
+}
+
 /* ---- Configuration and creation ----------------------------------------- */
 
 void kv_io_config_default(struct kv_io_config *cfg)
@@ -119,6 +152,9 @@ void kv_io_config_default(struct kv_io_config *cfg)
 
 static int check_config(const struct kv_io_config *cfg)
 {
+	/* Workers 0 lets the backend choose; the pool's default is the most. */
+	uint32_t workers = cfg->workers ? cfg->workers : DEFAULT_THREADS;
+
 	if (cfg->backend != KV_IO_AUTO && cfg->backend != KV_IO_URING &&
 	    cfg->backend != KV_IO_THREADS)
 		return kv_fail(EINVAL, "io: unknown backend %d", (int)cfg->backend);
@@ -131,6 +167,13 @@ static int check_config(const struct kv_io_config *cfg)
 	if (cfg->workers > MAX_WORKERS)
 		return kv_fail(EINVAL, "io: workers %" PRIu32 " above %u", cfg->workers,
 			       MAX_WORKERS);
+	/* staging_bytes is a bound on the staging memory, and every worker
+	 * needs one slot of at least MIN_STAGE_SLOT to stage anything. */
+	if (cfg->staging_bytes / workers < MIN_STAGE_SLOT)
+		return kv_fail(EINVAL, "io: staging_bytes %zu is below %" PRIu32 " workers%s x %zu "
+			       "bytes (one smallest staging slot each) = %zu bytes",
+			       cfg->staging_bytes, workers, cfg->workers ? "" : " (the default)",
+			       MIN_STAGE_SLOT, (size_t)workers * MIN_STAGE_SLOT);
 	return 0;
 }
 
@@ -165,12 +208,17 @@ static int staging_create(struct kv_io *io)
 	void *p;
 	int rc;
 
+	/* Each worker's share of staging_bytes, at least MIN_STAGE_SLOT
+	 * (check_config). A slot holds a whole max_request transfer when the
+	 * share allows; else it is the largest power of two the share holds,
+	 * and kv_io_take() cuts staged chunks to the slot, so the config's
+	 * staging_bytes stays a bound whatever max_request and workers are. */
+	size_t share = io->cfg.staging_bytes / io->n_workers;
+
 	io->stage_slot = MIN_STAGE_SLOT;
-	while (io->stage_slot < io->cfg.max_request)
+	while (io->stage_slot < io->cfg.max_request && io->stage_slot <= share / 2)
 		io->stage_slot <<= 1;
-	io->stage_per_worker = (uint32_t)(io->cfg.staging_bytes / io->stage_slot / io->n_workers);
-	if (io->stage_per_worker == 0)
-		io->stage_per_worker = 1;
+	io->stage_per_worker = (uint32_t)(share / io->stage_slot);
 	io->stage_bytes = io->stage_slot * io->stage_per_worker * io->n_workers;
 
 	kv_arena_config_default(&ac);
@@ -362,7 +410,7 @@ static int open_fd(const char *path, int oflags, bool direct)
 	return fd;
 }
 
-int kv_io_open(struct kv_io *io, const char *path, unsigned flags)
+static int do_open(struct kv_io *io, const char *path, unsigned flags)
 {
 	int oflags, fd, slot = -1, e;
 	bool direct = !(flags & KV_IO_BUFFERED);
@@ -372,8 +420,6 @@ int kv_io_open(struct kv_io *io, const char *path, unsigned flags)
 	struct stat st;
 	char *copy;
 
-	if (!io || !path)
-		return kv_fail(EINVAL, "io: open: %s is NULL", io ? "path" : "engine");
 	if (flags & ~(KV_IO_READ | KV_IO_WRITE | KV_IO_CREATE | KV_IO_TRUNCATE | KV_IO_BUFFERED))
 		return kv_fail(EINVAL, "io: open '%s': unknown flags 0x%x", path, flags);
 	switch (flags & (KV_IO_READ | KV_IO_WRITE)) {
@@ -470,6 +516,20 @@ int kv_io_open(struct kv_io *io, const char *path, unsigned flags)
 	return slot;
 }
 
+int kv_io_open(struct kv_io *io, const char *path, unsigned flags)
+{
+	int rc;
+
+	if (!io || !path)
+		return kv_fail(EINVAL, "io: open: %s is NULL", io ? "path" : "engine");
+	rc = io_enter(io, "open", false);
+	if (rc)
+		return rc;
+	rc = do_open(io, path, flags);
+	io_leave(io);
+	return rc;
+}
+
 int kv_io_file_info(const struct kv_io *io, int file, struct kv_io_file_info *out)
 {
 	struct kv_io *m = (struct kv_io *)io;
@@ -479,6 +539,9 @@ int kv_io_file_info(const struct kv_io *io, int file, struct kv_io_file_info *ou
 		return kv_fail(EINVAL, "io: file_info: NULL argument");
 	if (file < 0 || (unsigned)file >= KV_IO_MAX_FILES)
 		return kv_fail(EBADF, "io: file %d: no such file id", file);
+	rc = io_enter(m, "file_info", false);
+	if (rc)
+		return rc;
 	pthread_mutex_lock(&m->files_lock);
 	if (m->files[file].fd < 0) {
 		rc = kv_fail(EBADF, "io: file %d: not open", file);
@@ -491,19 +554,16 @@ int kv_io_file_info(const struct kv_io *io, int file, struct kv_io_file_info *ou
 		out->size = f->size;
 	}
 	pthread_mutex_unlock(&m->files_lock);
+	io_leave(m);
 	return rc;
 }
 
-int kv_io_close(struct kv_io *io, int file)
+static int do_close(struct kv_io *io, int file)
 {
 	struct io_file *f;
-	int fd;
+	int fd, rc;
 	char *path;
 
-	if (!io)
-		return kv_fail(EINVAL, "io: close: engine is NULL");
-	if (file < 0 || (unsigned)file >= KV_IO_MAX_FILES)
-		return kv_fail(EBADF, "io: file %d: no such file id", file);
 	pthread_mutex_lock(&io->files_lock);
 	f = &io->files[file];
 	if (f->fd < 0) {
@@ -511,11 +571,12 @@ int kv_io_close(struct kv_io *io, int file)
 		return kv_fail(EBADF, "io: close: file %d is not open", file);
 	}
 	if (f->busy) {
-		uint32_t busy = f->busy;
-
+		/* The detail is written under the lock: once it is released
+		 * another close of the same id may free f->path. */
+		rc = kv_fail(EBUSY, "io: close: file %d ('%s') has %" PRIu32
+			     " requests in flight", file, f->path, f->busy);
 		pthread_mutex_unlock(&io->files_lock);
-		return kv_fail(EBUSY, "io: close: file %d ('%s') has %" PRIu32
-			       " requests in flight", file, f->path, busy);
+		return rc;
 	}
 	fd = f->fd;
 	path = f->path;
@@ -532,6 +593,22 @@ int kv_io_close(struct kv_io *io, int file)
 	io->ops->wake(io);
 	pthread_mutex_unlock(&io->q_lock);
 	return 0;
+}
+
+int kv_io_close(struct kv_io *io, int file)
+{
+	int rc;
+
+	if (!io)
+		return kv_fail(EINVAL, "io: close: engine is NULL");
+	if (file < 0 || (unsigned)file >= KV_IO_MAX_FILES)
+		return kv_fail(EBADF, "io: file %d: no such file id", file);
+	rc = io_enter(io, "close", false);
+	if (rc)
+		return rc;
+	rc = do_close(io, file);
+	io_leave(io);
+	return rc;
 }
 
 /* ---- Tickets ------------------------------------------------------------ */
@@ -639,14 +716,12 @@ static int64_t tk_collect(struct kv_io *io, struct io_ticket *e)
 	return r;
 }
 
-int64_t kv_io_wait(struct kv_io *io, uint64_t ticket, int64_t timeout_ns)
+static int64_t do_wait(struct kv_io *io, uint64_t ticket, int64_t timeout_ns)
 {
 	struct timespec until;
 	struct io_ticket *e;
 	int64_t r;
 
-	if (!io)
-		return kv_fail(EINVAL, "io: wait: engine is NULL");
 	if (timeout_ns >= 0) {
 		clock_gettime(CLOCK_MONOTONIC, &until);
 		until.tv_sec += timeout_ns / 1000000000;
@@ -688,13 +763,30 @@ int64_t kv_io_wait(struct kv_io *io, uint64_t ticket, int64_t timeout_ns)
 	return r;
 }
 
+int64_t kv_io_wait(struct kv_io *io, uint64_t ticket, int64_t timeout_ns)
+{
+	int64_t r;
+
+	if (!io)
+		return kv_fail(EINVAL, "io: wait: engine is NULL");
+	r = io_enter(io, "wait", true);
+	if (r)
+		return r;
+	r = do_wait(io, ticket, timeout_ns);
+	io_leave(io);
+	return r;
+}
+
 int kv_io_poll(struct kv_io *io, uint64_t ticket, int64_t *result)
 {
 	struct io_ticket *e;
-	int rc = 0;
+	int rc;
 
 	if (!io || !result)
 		return kv_fail(EINVAL, "io: poll: NULL argument");
+	rc = io_enter(io, "poll", true);
+	if (rc)
+		return rc;
 	pthread_mutex_lock(&io->tk_lock);
 	e = tk_find(io, ticket);
 	if (!e) {
@@ -705,6 +797,7 @@ int kv_io_poll(struct kv_io *io, uint64_t ticket, int64_t *result)
 		rc = 1;
 	}
 	pthread_mutex_unlock(&io->tk_lock);
+	io_leave(io);
 	return rc;
 }
 
@@ -743,6 +836,7 @@ static void op_finish(struct kv_io *io, struct io_op *op)
 	pthread_mutex_unlock(&io->files_lock);
 
 	req->result = result;
+	atomic_fetch_sub(&io->st_unreported, 1);
 	if (op->has_cb) {
 		if (result < 0)
 			kv_fail(err, "%s", op->detail);
@@ -964,16 +1058,12 @@ static int check_req(struct kv_io *io, const struct kv_io_req *r, struct io_op *
 	return 0;
 }
 
-int kv_io_submit(struct kv_io *io, struct kv_io_req **reqs, uint32_t n)
+static int do_submit(struct kv_io *io, struct kv_io_req **reqs, uint32_t n)
 {
 	struct io_op **ops;
 	uint32_t i, checked = 0, n_tickets = 0;
 	int rc = 0;
 
-	if (!io || (!reqs && n))
-		return kv_fail(EINVAL, "io: submit: NULL argument");
-	if (n == 0)
-		return 0;
 	ops = calloc(n, sizeof(*ops));
 	if (!ops)
 		return kv_fail(ENOMEM, "io: submit: out of memory for %" PRIu32 " requests", n);
@@ -1029,16 +1119,19 @@ int kv_io_submit(struct kv_io *io, struct kv_io_req **reqs, uint32_t n)
 		}
 		pthread_mutex_unlock(&io->tk_lock);
 	}
-	for (i = 0; i < n; i++) {
-		reqs[i]->ticket = ops[i]->ticket;
-		reqs[i]->result = -EINPROGRESS;
-	}
 
 	pthread_mutex_lock(&io->q_lock);
 	if (io->stopping) {
 		pthread_mutex_unlock(&io->q_lock);
 		rc = kv_fail(ESHUTDOWN, "io: submit: the engine is being destroyed");
 		goto untick;
+	}
+	/* Only a call that queues changes the caller's structs; before the
+	 * requests are linked in, as a worker may complete one (and write
+	 * its result) as soon as q_lock is released. */
+	for (i = 0; i < n; i++) {
+		reqs[i]->ticket = ops[i]->ticket;
+		reqs[i]->result = -EINPROGRESS;
 	}
 	for (i = 0; i < n; i++) {
 		if (io->q_tail)
@@ -1048,6 +1141,7 @@ int kv_io_submit(struct kv_io *io, struct kv_io_req **reqs, uint32_t n)
 		io->q_tail = ops[i];
 	}
 	atomic_fetch_add(&io->ops_in_flight, n);
+	atomic_fetch_add(&io->st_unreported, n);
 	io->ops->wake(io);
 	pthread_mutex_unlock(&io->q_lock);
 	free(ops);
@@ -1074,25 +1168,52 @@ undo:
 	return rc;
 }
 
+int kv_io_submit(struct kv_io *io, struct kv_io_req **reqs, uint32_t n)
+{
+	int rc;
+
+	if (!io || (!reqs && n))
+		return kv_fail(EINVAL, "io: submit: NULL argument");
+	rc = io_enter(io, "submit", false);
+	if (rc)
+		return rc;
+	if (n)
+		rc = do_submit(io, reqs, n);
+	io_leave(io);
+	return rc;
+}
+
 int64_t kv_io_rw(struct kv_io *io, int file, enum kv_io_op op, uint64_t offset, void *buf,
 		 size_t len)
 {
 	struct kv_io_req req = { .file = file, .op = op, .offset = offset, .len = len,
 				 .buf = buf };
 	struct kv_io_req *p = &req;
-	int rc = kv_io_submit(io, &p, 1);
+	int64_t r;
 
-	if (rc)
-		return rc;
-	return kv_io_wait(io, req.ticket, -1);
+	if (!io)
+		return kv_fail(EINVAL, "io: rw: engine is NULL");
+	/* One count over both steps: between a separate submit and wait
+	 * destroy could finish (the request done, no caller inside) and
+	 * the wait would find the engine freed, with req on this stack. */
+	r = io_enter(io, "rw", false);
+	if (r)
+		return r;
+	r = do_submit(io, &p, 1);
+	if (r == 0)
+		r = do_wait(io, req.ticket, -1);
+	io_leave(io);
+	return r;
 }
 
 void kv_io_stats(const struct kv_io *io, struct kv_io_stats *out)
 {
+	struct kv_io *m = (struct kv_io *)io;
+
 	if (!out)
 		return;
 	memset(out, 0, sizeof(*out));
-	if (!io)
+	if (!io || io_enter(m, "stats", false))
 		return;
 	out->reads = atomic_load(&io->st_reads);
 	out->writes = atomic_load(&io->st_writes);
@@ -1101,18 +1222,22 @@ void kv_io_stats(const struct kv_io *io, struct kv_io_stats *out)
 	out->resubmits = atomic_load(&io->st_resubmits);
 	out->staged = atomic_load(&io->st_staged);
 	out->errors = atomic_load(&io->st_errors);
-	out->in_flight = atomic_load(&io->ops_in_flight);
+	out->in_flight = atomic_load(&io->st_unreported);
+	io_leave(m);
 }
 
 /* ---- Destroy ------------------------------------------------------------ */
 
 int kv_io_destroy(struct kv_io *io, unsigned flags)
 {
-	struct io_op *cancel = NULL, **pp;
+	struct io_op *cancel = NULL, **tail = &cancel, **pp;
 	int cancelled = 0;
 
 	if (!io)
 		return 0;
+	/* From here on every new call but a collecting one (wait, poll) is
+	 * refused (io_enter), and submits already past it find `stopping`
+	 * when they come to queue. */
 	pthread_mutex_lock(&io->q_lock);
 	io->stopping = true;
 	if (flags & KV_IO_CANCEL) {
@@ -1128,15 +1253,17 @@ int kv_io_destroy(struct kv_io *io, unsigned flags)
 				continue;
 			}
 			*pp = op->next;
-			op->next = cancel;
-			cancel = op;
+			op->next = NULL;
+			*tail = op;
+			tail = &op->next;
 		}
 		io->q_tail = prev;
 	}
 	pthread_mutex_unlock(&io->q_lock);
 
 	/* Cancelled requests complete here, on the destroying thread, in
-	 * submission order reversed; their callbacks run as for any other. */
+	 * submission order; their callbacks run as for any other, and a
+	 * waiter on one gets -ECANCELED. */
 	while (cancel) {
 		struct io_op *op = cancel;
 
@@ -1147,8 +1274,11 @@ int kv_io_destroy(struct kv_io *io, unsigned flags)
 		cancelled++;
 	}
 
+	/* Nothing is freed before every request completed (which also ends
+	 * every kv_io_wait) and every caller left: a call inside the engine
+	 * holds its tables and locks. */
 	pthread_mutex_lock(&io->q_lock);
-	while (atomic_load(&io->ops_in_flight))
+	while (atomic_load(&io->ops_in_flight) || io->callers)
 		pthread_cond_wait(&io->drain_cond, &io->q_lock);
 	io->exiting = true;
 	pthread_mutex_unlock(&io->q_lock);

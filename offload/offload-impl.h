@@ -145,10 +145,11 @@ struct kv_io {
 
 	pthread_mutex_t q_lock;
 	pthread_cond_t q_cond;       /* thread pool: work queued; startup */
-	pthread_cond_t drain_cond;   /* ops_in_flight reached 0 */
+	pthread_cond_t drain_cond;   /* ops_in_flight or callers reached 0 */
 	struct io_op *q_head, *q_tail;
 	atomic_uint ops_in_flight;
-	bool stopping;               /* submits refused */
+	uint32_t callers;            /* API calls inside the engine (q_lock) */
+	bool stopping;               /* kv_io_destroy() began: calls refused */
 	bool exiting;                /* workers leave when idle */
 
 	pthread_mutex_t tk_lock;
@@ -159,15 +160,23 @@ struct kv_io {
 	atomic_uint_fast64_t next_ticket;
 
 	/* Staging: slots of stage_slot bytes, stage_per_worker per worker,
-	 * worker w owning slots [w * stage_per_worker, ...). */
+	 * worker w owning slots [w * stage_per_worker, ...); all of it within
+	 * cfg.staging_bytes. */
 	struct kv_arena *staging;
 	char *stage_base;
 	size_t stage_bytes;
-	size_t stage_slot;           /* a power of two >= max_request */
+	size_t stage_slot;           /* a power of two >= MIN_STAGE_SLOT: the
+				      * one >= max_request if it fits the
+				      * worker's share, else smaller (staged
+				      * chunks are cut to it) */
 	uint32_t stage_per_worker;
 
 	atomic_uint_fast64_t st_reads, st_writes, st_bytes_read, st_bytes_written;
 	atomic_uint_fast64_t st_resubmits, st_staged, st_errors;
+	/* Requests whose outcome the caller has not been given yet: what
+	 * kv_io_stats() reports as in flight. ops_in_flight also counts the
+	 * bookkeeping after the callback or wake-up, for destroy to wait on. */
+	atomic_uint st_unreported;
 };
 
 /* Take the next chunk from the queue head into c. Called with q_lock

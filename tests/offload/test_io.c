@@ -273,6 +273,19 @@ static void differential(struct kv_io *io, int file, const uint8_t *data, size_t
 	free(rs);
 }
 
+/* Stats once the engine has finished its bookkeeping: a waiter is woken
+ * as its request completes, a moment before the engine counts it out of
+ * flight, so poll briefly (bounded) instead of reading at once. */
+static void settled_stats(struct kv_io *io, struct kv_io_stats *st)
+{
+	for (int i = 0; i < 10000; i++) {
+		kv_io_stats(io, st);
+		if (st->in_flight == 0)
+			return;
+		usleep(1000);
+	}
+}
+
 static void test_differential(void **state)
 {
 	struct eng e = eng_start(state, NULL);
@@ -288,7 +301,7 @@ static void test_differential(void **state)
 	else
 		printf("note: %s does not take O_DIRECT, the reads are buffered\n", g_dir);
 	differential(e.io, f, g_data, DATA_BYTES, g_pread_fd, 1500, 32, 3 * MiB, 1);
-	kv_io_stats(e.io, &st);
+	settled_stats(e.io, &st);
 	assert_int_equal(st.reads, 1500);
 	assert_int_equal(st.errors, 0);
 	if (info.direct)
@@ -309,12 +322,62 @@ static void test_differential_small(void **state)
 	kv_io_config_default(&cfg);
 	cfg.queue_depth = 4;
 	cfg.max_request = 16 * KiB;
-	cfg.staging_bytes = 0;
+	cfg.staging_bytes = 2 * 64 * KiB; /* the least two workers may have */
 	cfg.workers = 2;
 	e = eng_start(state, &cfg);
 	f = open_data(e.io);
 	differential(e.io, f, g_data, DATA_BYTES, -1, 400, 16, 300 * KiB, 2);
 	eng_stop(&e);
+}
+
+/* staging_bytes bounds the staging memory whatever max_request and the
+ * worker count: slots shrink below max_request and staged transfers are
+ * cut to them; a budget below one smallest slot per worker is refused. */
+static void test_staging_bound(void **state)
+{
+	const struct backend *be = *state;
+	struct kv_io_config cfg;
+	struct kv_io *io = NULL;
+	struct eng e;
+	int f;
+
+	kv_io_config_default(&cfg);
+	cfg.max_request = (size_t)1 << 30;
+	/* io_uring rings cost locked memory each; 64 threads are cheap. */
+	cfg.workers = be->b == KV_IO_URING ? 8 : 64;
+	cfg.staging_bytes = 8 * MiB;
+	e = eng_start(state, &cfg);
+	assert_true(e.io->stage_bytes <= cfg.staging_bytes);
+	assert_true(e.io->stage_slot < cfg.max_request);
+	assert_true(e.io->stage_per_worker >= 1);
+	assert_true((size_t)e.io->stage_slot * e.io->stage_per_worker * cfg.workers <=
+		    cfg.staging_bytes);
+	f = open_data(e.io);
+	/* Reads of up to 3 MiB, many unaligned: staged chunks of a slot. */
+	differential(e.io, f, g_data, DATA_BYTES, -1, 200, 16, 3 * MiB, 8);
+	eng_stop(&e);
+
+	/* Defaults keep a slot of max_request and stay within the bound. */
+	kv_io_config_default(&cfg);
+	e = eng_start(state, &cfg);
+	assert_true(e.io->stage_slot >= cfg.max_request);
+	assert_true(e.io->stage_bytes <= cfg.staging_bytes);
+	eng_stop(&e);
+
+	/* Too little for one 64 KiB slot per worker: refused, saying why. */
+	kv_io_config_default(&cfg);
+	cfg.backend = be->b;
+	cfg.workers = 2;
+	cfg.staging_bytes = 128 * KiB - 1;
+	assert_int_equal(kv_io_create(&cfg, &io), -EINVAL);
+	assert_null(io);
+	assert_non_null(strstr(kv_last_error(), "staging_bytes 131071"));
+	assert_non_null(strstr(kv_last_error(), "2 workers"));
+	cfg.workers = 0;
+	cfg.staging_bytes = 0;
+	assert_int_equal(kv_io_create(&cfg, &io), -EINVAL);
+	assert_non_null(strstr(kv_last_error(), "4 workers (the default)"));
+	assert_null(io);
 }
 
 static void test_eof(void **state)
@@ -731,6 +794,317 @@ static void test_destroy_cancel(void **state)
 	free(rs);
 }
 
+/* ---- Destroy racing with callers ---------------------------------------- */
+
+#define RACE_THREADS 6
+#define RACE_SLOTS 8
+#define RACE_MAX_LEN (16 * KiB)
+#define RACE_UNTOUCHED 12345
+
+struct race {
+	struct kv_io *io;
+	int file;
+	bool rw;                /* also kv_io_rw (see race_round) */
+	atomic_uint finished;   /* threads that made their last call */
+	atomic_uint results, shutdowns, cancelled, bad;
+	atomic_int gate_result; /* the gate request's, once its callback ran */
+	char why[200];          /* the first bad outcome */
+	pthread_mutex_t why_lock;
+};
+
+/* A thread's requests and buffers outlive it: one given up on (a wait
+ * timed out, then destroy began) is the engine's until destroy returns. */
+struct race_thread {
+	struct race *r;
+	unsigned index;
+	pthread_t thread;
+	struct kv_io_req reqs[RACE_SLOTS];
+	bool busy[RACE_SLOTS];  /* submitted, not collected */
+	uint8_t *bufs;          /* (RACE_SLOTS * RACE_MAX_LEN) */
+};
+
+static void race_bad(struct race *r, const char *what, int64_t got)
+{
+	pthread_mutex_lock(&r->why_lock);
+	if (atomic_fetch_add(&r->bad, 1) == 0)
+		snprintf(r->why, sizeof(r->why), "%s: %" PRId64 " (%s)", what, got,
+			 kv_last_error());
+	pthread_mutex_unlock(&r->why_lock);
+}
+
+/* A completed read of slot i: its result and bytes. */
+static void race_result(struct race *r, const struct kv_io_req *q, int64_t res)
+{
+	if (res == -ECANCELED)
+		atomic_fetch_add(&r->cancelled, 1);
+	else if (res != (int64_t)q->len)
+		race_bad(r, "read result", res);
+	else if (memcmp(q->buf, g_data + q->offset, q->len) != 0)
+		race_bad(r, "bytes differ from the file", res);
+	else
+		atomic_fetch_add(&r->results, 1);
+}
+
+/* 0 goes on, -ESHUTDOWN stops; anything else is bad. */
+static bool race_refused(struct race *r, const char *what, int64_t rc)
+{
+	if (rc == -ESHUTDOWN) {
+		atomic_fetch_add(&r->shutdowns, 1);
+		return true;
+	}
+	if (rc)
+		race_bad(r, what, rc);
+	return false;
+}
+
+/* Submit the free slots, then wait for (or poll) every busy one, with a
+ * file_info, a stats and (see race_round) an rw call now and then, until
+ * a call answers -ESHUTDOWN. Waits are timed: a request may be stuck
+ * behind the gate's callback, and the thread must still come to hear
+ * -ESHUTDOWN from a submit. */
+static void *race_main(void *arg)
+{
+	struct race_thread *t = arg;
+	struct race *r = t->r;
+	uint64_t rng = 1000 + t->index;
+
+	for (;;) {
+		struct kv_io_req *p[RACE_SLOTS];
+		struct kv_io_file_info info;
+		struct kv_io_stats st;
+		uint32_t n = 0;
+		int64_t res;
+		int rc;
+
+		for (unsigned i = 0; i < RACE_SLOTS; i++) {
+			if (t->busy[i])
+				continue;
+			t->reqs[i] = (struct kv_io_req){
+				.file = r->file, .op = KV_IO_OP_READ,
+				.offset = kv_test_rand(&rng) % (DATA_BYTES - RACE_MAX_LEN),
+				.len = 1 + (size_t)(kv_test_rand(&rng) % RACE_MAX_LEN),
+				.buf = t->bufs + i * RACE_MAX_LEN,
+				.result = RACE_UNTOUCHED,
+			};
+			p[n++] = &t->reqs[i];
+		}
+		rc = kv_io_submit(r->io, p, n);
+		if (race_refused(r, "submit", rc)) {
+			/* A refused submit left its requests as they were. */
+			for (uint32_t i = 0; i < n; i++)
+				if (p[i]->ticket != 0 || p[i]->result != RACE_UNTOUCHED)
+					race_bad(r, "refused submit wrote its requests",
+						 p[i]->result);
+			break;
+		}
+		if (rc)
+			break;
+		for (uint32_t i = 0; i < n; i++)
+			t->busy[p[i] - t->reqs] = true;
+
+		for (unsigned i = 0; i < RACE_SLOTS; i++) {
+			if (!t->busy[i])
+				continue;
+			if (kv_test_rand(&rng) % 4 == 0) {
+				rc = kv_io_poll(r->io, t->reqs[i].ticket, &res);
+				if (rc < 0)
+					race_bad(r, "poll", rc);
+				if (rc != 1)
+					continue;
+			} else {
+				res = kv_io_wait(r->io, t->reqs[i].ticket, 20 * 1000000);
+				if (res == -ETIMEDOUT)
+					continue;
+			}
+			t->busy[i] = false;
+			race_result(r, &t->reqs[i], res);
+		}
+		if (kv_test_rand(&rng) % 8 == 0) {
+			if (race_refused(r, "file_info", kv_io_file_info(r->io, r->file, &info)))
+				break;
+			kv_io_stats(r->io, &st);
+		}
+		if (r->rw && kv_test_rand(&rng) % 8 == 0) {
+			uint8_t b[100];
+			uint64_t off = kv_test_rand(&rng) % (DATA_BYTES - sizeof(b));
+
+			res = kv_io_rw(r->io, r->file, KV_IO_OP_READ, off, b, sizeof(b));
+			if (res == -ECANCELED)
+				atomic_fetch_add(&r->cancelled, 1);
+			else if (race_refused(r, "rw", res == (int64_t)sizeof(b) ? 0 : res))
+				break;
+			if (res == (int64_t)sizeof(b) && memcmp(b, g_data + off, sizeof(b)) != 0)
+				race_bad(r, "rw bytes differ from the file", res);
+		}
+	}
+	atomic_fetch_add(&r->finished, 1);
+	return NULL;
+}
+
+/* The callback of a request submitted just before destroy: destroy waits
+ * for it, so holding it until every thread made its last call keeps those
+ * calls inside destroy's span (a call starting after destroy returned
+ * would touch freed memory, which no engine can guard against). */
+static void race_gate(struct kv_io_req *req)
+{
+	struct race *r = req->ctx;
+
+	for (int i = 0; i < 60000 && atomic_load(&r->finished) < RACE_THREADS; i++)
+		nanosleep(&(struct timespec){ .tv_nsec = 1000000 }, NULL);
+	atomic_store(&r->gate_result, (int)req->result);
+}
+
+static void race_round(void **state, unsigned flags)
+{
+	const struct backend *be = *state;
+	struct race_thread *ts = calloc(RACE_THREADS, sizeof(*ts));
+	struct kv_io_req gate;
+	struct kv_io_req *gp = &gate;
+	struct race r;
+	struct eng e;
+	uint8_t gate_buf[512];
+	int rc;
+
+	assert_non_null(ts);
+	e = eng_start(state, NULL);
+	memset(&r, 0, sizeof(r));
+	pthread_mutex_init(&r.why_lock, NULL);
+	r.io = e.io;
+	r.file = open_data(e.io);
+	/* kv_io_rw waits without a timeout: on a ring, its request could sit
+	 * behind the gate's callback for good; a pool thread holds only the
+	 * chunk it works on. */
+	r.rw = be->b == KV_IO_THREADS;
+	atomic_init(&r.gate_result, 1);
+	for (unsigned i = 0; i < RACE_THREADS; i++) {
+		ts[i].r = &r;
+		ts[i].index = i + 10 * flags;
+		ts[i].bufs = malloc(RACE_SLOTS * RACE_MAX_LEN);
+		assert_non_null(ts[i].bufs);
+		assert_int_equal(pthread_create(&ts[i].thread, NULL, race_main, &ts[i]), 0);
+	}
+	/* Let them get going, so destroy meets submits, waits and polls. */
+	for (int i = 0; i < 10000 && atomic_load(&r.results) < 20 * RACE_THREADS; i++)
+		nanosleep(&(struct timespec){ .tv_nsec = 100000 }, NULL);
+
+	gate = (struct kv_io_req){ .file = r.file, .op = KV_IO_OP_READ, .offset = 0,
+				   .len = sizeof(gate_buf), .buf = gate_buf, .cb = race_gate,
+				   .ctx = &r };
+	kv_assert_ok(kv_io_submit(e.io, &gp, 1));
+	rc = kv_io_destroy(e.io, flags);
+	assert_true(rc >= 0);
+	if (!(flags & KV_IO_CANCEL))
+		assert_int_equal(rc, 0);
+	for (unsigned i = 0; i < RACE_THREADS; i++)
+		assert_int_equal(pthread_join(ts[i].thread, NULL), 0);
+
+	if (atomic_load(&r.bad))
+		fail_msg("%u bad outcomes, first: %s", atomic_load(&r.bad), r.why);
+	assert_int_equal(atomic_load(&r.finished), RACE_THREADS);
+	/* Every thread stopped on -ESHUTDOWN, after real work. */
+	assert_int_equal(atomic_load(&r.shutdowns), RACE_THREADS);
+	assert_true(atomic_load(&r.results) > 0);
+	assert_true(atomic_load(&r.gate_result) == (int)sizeof(gate_buf) ||
+		    atomic_load(&r.gate_result) == -ECANCELED);
+	if (!(flags & KV_IO_CANCEL))
+		assert_int_equal(atomic_load(&r.cancelled), 0);
+	/* Requests given up on completed before destroy returned. */
+	for (unsigned i = 0; i < RACE_THREADS; i++) {
+		for (unsigned j = 0; j < RACE_SLOTS; j++)
+			if (ts[i].busy[j])
+				assert_true(ts[i].reqs[j].result == (int64_t)ts[i].reqs[j].len ||
+					    ts[i].reqs[j].result == -ECANCELED);
+		free(ts[i].bufs);
+	}
+	free(ts);
+	pthread_mutex_destroy(&r.why_lock);
+	kv_assert_ok(kv_registry_destroy(e.reg, 0));
+}
+
+/* Threads submitting, waiting and polling while destroy runs: each call
+ * returns a result or -ESHUTDOWN, and destroy frees nothing under them
+ * (the thread sanitizer runs this). */
+static void test_destroy_race(void **state)
+{
+	race_round(state, 0);
+	race_round(state, KV_IO_CANCEL);
+}
+
+/* Once destroy began every entry point but wait and poll says -ESHUTDOWN,
+ * also from the callbacks of cancelled requests (run by destroy itself),
+ * and a refused submit writes nothing into its requests. */
+struct refuse {
+	struct kv_io *io;
+	int file;
+	unsigned checked, bad;
+};
+
+static void on_cancel_try_all(struct kv_io_req *req)
+{
+	struct refuse *rf = req->ctx;
+	struct kv_io_req again = { .file = rf->file, .op = KV_IO_OP_READ, .len = 10,
+				   .buf = req->buf, .result = RACE_UNTOUCHED };
+	struct kv_io_req *p = &again;
+	struct kv_io_file_info info;
+	struct kv_io_stats st;
+	int64_t res;
+	char b[10];
+
+	if (req->result != -ECANCELED)
+		return;
+	rf->checked++;
+	rf->bad += kv_io_submit(rf->io, &p, 1) != -ESHUTDOWN;
+	rf->bad += again.ticket != 0 || again.result != RACE_UNTOUCHED;
+	rf->bad += kv_io_submit(rf->io, &p, 0) != -ESHUTDOWN;
+	/* Collecting still works (a callback request has no ticket). */
+	rf->bad += kv_io_wait(rf->io, req->ticket, 0) != -ENOENT;
+	rf->bad += kv_io_poll(rf->io, req->ticket, &res) != -ENOENT;
+	rf->bad += kv_io_rw(rf->io, rf->file, KV_IO_OP_READ, 0, b, sizeof(b)) != -ESHUTDOWN;
+	rf->bad += kv_io_open(rf->io, g_path, KV_IO_READ) != -ESHUTDOWN;
+	rf->bad += kv_io_file_info(rf->io, rf->file, &info) != -ESHUTDOWN;
+	rf->bad += kv_io_close(rf->io, rf->file) != -ESHUTDOWN;
+	kv_io_stats(rf->io, &st);
+	rf->bad += st.reads != 0 || st.in_flight != 0;
+}
+
+static void test_destroy_refuses(void **state)
+{
+	struct kv_io_config cfg;
+	struct refuse rf = { 0 };
+	struct kv_io_req *reqs, **ps;
+	const unsigned n = 300;
+	uint8_t *buf;
+	struct eng e;
+	int cancelled;
+
+	kv_io_config_default(&cfg);
+	cfg.queue_depth = 1;
+	cfg.workers = 1;
+	e = eng_start(state, &cfg);
+	rf.io = e.io;
+	rf.file = open_data(e.io);
+	reqs = calloc(n, sizeof(*reqs));
+	ps = calloc(n, sizeof(*ps));
+	buf = malloc(n * 64 * KiB);
+	assert_true(reqs && ps && buf);
+	for (unsigned i = 0; i < n; i++) {
+		reqs[i] = (struct kv_io_req){ .file = rf.file, .op = KV_IO_OP_READ,
+					      .offset = (uint64_t)i * 64 * KiB + 7,
+					      .len = 64 * KiB, .buf = buf + i * 64 * KiB,
+					      .cb = on_cancel_try_all, .ctx = &rf };
+		ps[i] = &reqs[i];
+	}
+	kv_assert_ok(kv_io_submit(e.io, ps, n));
+	cancelled = kv_io_destroy(e.io, KV_IO_CANCEL);
+	assert_true(cancelled > 0);
+	assert_int_equal(rf.checked, (unsigned)cancelled);
+	assert_int_equal(rf.bad, 0);
+	kv_assert_ok(kv_registry_destroy(e.reg, 0));
+	free(buf);
+	free(ps);
+	free(reqs);
+}
+
 /* ---- Bad input ---------------------------------------------------------- */
 
 static void test_bad_input(void **state)
@@ -877,6 +1251,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		PER_BACKEND(test_differential),
 		PER_BACKEND(test_differential_small),
+		PER_BACKEND(test_staging_bound),
 		PER_BACKEND(test_eof),
 		PER_BACKEND(test_callbacks),
 		PER_BACKEND(test_tickets),
@@ -887,6 +1262,8 @@ int main(void)
 		PER_BACKEND(test_fault_enospc),
 		PER_BACKEND(test_destroy_drain),
 		PER_BACKEND(test_destroy_cancel),
+		PER_BACKEND(test_destroy_race),
+		PER_BACKEND(test_destroy_refuses),
 		PER_BACKEND(test_bad_input),
 		PER_BACKEND(test_tmpfs),
 		cmocka_unit_test(test_auto_fallback),

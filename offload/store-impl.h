@@ -1,0 +1,20 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Internals of the spill store (store.c), not installed: its fault seam.
+ * Data reads and writes go through the I/O engine and its seam
+ * (kv_io_inject); this one covers what the store does itself on its two
+ * files: index appends and fdatasync.
+ */
+#ifndef KV_STORE_IMPL_H
+#define KV_STORE_IMPL_H
+
+enum kv_store_seam_op {
+	KV_STORE_SEAM_LOG_WRITE = 1u << 0, /* an append to store.idx */
+	KV_STORE_SEAM_SYNC = 1u << 1,      /* fdatasync of either file */
+};
+
+/* Make the nth (1-based) next event of any op in `ops` fail with -err
+ * (err > 0), once; nth 0 cancels. Process-wide. For tests. */
+void kv_store_inject(unsigned ops, unsigned nth, int err);
+
+#endif

@@ -157,8 +157,14 @@ int kv_mmap_open(const char *path, const struct kv_mmap_config *cfg, struct kv_m
 		if (rc == 0) {
 			m->info.populated = true;
 		} else if (cfg->required) {
-			rc = kv_fail(-rc, "mmap '%s': populate of %" PRIu64 " bytes required: %s",
-				     path, m->size, kv_strerror(rc));
+			/* MADV_POPULATE_READ fails with -EFAULT (a page the
+			 * file no longer backs), -ENOMEM, -EINTR, -EIO...;
+			 * to the caller they all mean the bytes could not be
+			 * read in, so the open says -EIO as documented and
+			 * the detail keeps the cause. */
+			rc = kv_fail(EIO, "mmap '%s': populate of %" PRIu64 " bytes required: "
+				     "madvise(MADV_POPULATE_READ): %s", path, m->size,
+				     kv_strerror(rc));
 			goto fail;
 		} else {
 			degrade(m, "populate failed (%s): pages are read on first touch",

@@ -11,10 +11,16 @@
 enum kv_store_seam_op {
 	KV_STORE_SEAM_LOG_WRITE = 1u << 0, /* an append to store.idx */
 	KV_STORE_SEAM_SYNC = 1u << 1,      /* fdatasync of either file */
+	/* The fdatasync of store.idx after a failed append was cut back.
+	 * Not a SYNC event, and armed on its own counter, so that it can
+	 * be armed together with a fault that makes an append fail. */
+	KV_STORE_SEAM_CUTBACK = 1u << 2,
 };
 
 /* Make the nth (1-based) next event of any op in `ops` fail with -err
- * (err > 0), once; nth 0 cancels. Process-wide. For tests. */
+ * (err > 0), once; nth 0 cancels. CUTBACK is counted apart: arming it
+ * leaves an armed LOG_WRITE or SYNC fault in place, and the reverse.
+ * Process-wide. For tests. */
 void kv_store_inject(unsigned ops, unsigned nth, int err);
 
 #endif

@@ -10,7 +10,9 @@
  * completed meanwhile in one write, and only then makes the extents live
  * and runs the callbacks. kv_store_open() replays the index, truncates a
  * torn tail, and rebuilds the free ranges from the gaps between live
- * extents. Entry points are those of <kv/offload.h>; kv_store_validate()
+ * extents. With SYNC_BATCHED and SYNC_NONE the space of a replaced or
+ * deleted extent is held back until the next index sync, so the index as
+ * of any sync only names extents whose bytes are intact. Entry points are those of <kv/offload.h>; kv_store_validate()
  * checks the free ranges against the live extents and the counters.
  */
 #include <fcntl.h>
@@ -55,7 +57,12 @@ struct store_header {
 	uint32_t identity_len;
 	uint64_t data_start;       /* first extent byte in store.data */
 	uint8_t identity[KV_STORE_IDENTITY_MAX];
-	uint8_t pad[HEADER_BYTES - 296];
+	/* Index only: every sequence number below this was used. Compaction
+	 * drops delete records and replaced puts, so the highest one left
+	 * would understate it and a reopen would hand out old ids again.
+	 * 0 in data headers (and in indexes never compacted). */
+	uint64_t next_seq;
+	uint8_t pad[HEADER_BYTES - 304];
 	uint64_t checksum;         /* XXH3-64 of everything before it */
 };
 _Static_assert(sizeof(struct store_header) == HEADER_BYTES, "header layout");
@@ -79,8 +86,10 @@ struct ext {
 	struct ext *next;          /* hash chain */
 	struct kv_store_extent e;
 	uint64_t alloc;            /* space taken: len rounded up */
-	uint32_t readers;          /* gets in flight */
+	uint32_t readers;          /* gets in flight (and a delete in progress) */
 	bool dead;                 /* out of the table; freed by the last reader */
+	bool deleting;             /* its delete record is being appended: still
+				    * live (readable, counted) until it is in */
 };
 
 struct range {
@@ -132,6 +141,11 @@ struct kv_store {
 	size_t n_buckets, n_ext;
 	struct range *free;        /* (n_free) sorted, disjoint, not touching */
 	size_t n_free, cap_free;
+	/* (n_held) space of extents retired since the last index sync, with
+	 * SYNC_BATCHED and SYNC_NONE: not reused until the record retiring
+	 * them is durable (space_retire). Unsorted. */
+	struct range *held;
+	size_t n_held, cap_held;
 	uint64_t end;              /* high-water mark of extent space */
 	uint64_t live_bytes, used_bytes, pending_bytes;
 	uint64_t puts, gets, deletes, put_errors, get_errors, csum_fail;
@@ -157,11 +171,31 @@ struct kv_store {
 
 /* ---- The seam ----------------------------------------------------------- */
 
-static struct kv_seam store_seam;
+static struct kv_seam store_seam, cutback_seam;
 
 void kv_store_inject(unsigned ops, unsigned nth, int err)
 {
-	kv_seam_inject(&store_seam, ops, nth, err);
+	if (ops & KV_STORE_SEAM_CUTBACK)
+		kv_seam_inject(&cutback_seam, KV_STORE_SEAM_CUTBACK, nth, err);
+	if (ops & ~(unsigned)KV_STORE_SEAM_CUTBACK)
+		kv_seam_inject(&store_seam, ops & ~(unsigned)KV_STORE_SEAM_CUTBACK, nth, err);
+}
+
+/* Undo a failed append: cut store.idx back to start and sync that, so a
+ * record of a put reported failed (whose space is reused) cannot reappear
+ * after a power loss. Returns 0 or -errno; sets no detail. */
+static int log_cut_back(struct kv_store *st, uint64_t start)
+{
+	int inj;
+
+	if (ftruncate(st->ifd, (off_t)start))
+		return -errno;
+	inj = kv_seam_hit(&cutback_seam, KV_STORE_SEAM_CUTBACK);
+	if (inj > 0)
+		return -inj;
+	if (fdatasync(st->ifd))
+		return -errno;
+	return 0;
 }
 
 static int do_datasync(int fd, const char *what)
@@ -353,6 +387,46 @@ static void space_free(struct kv_store *st, uint64_t off, uint64_t len)
 	}
 }
 
+/* Give back the space of an extent that was replaced or deleted. With
+ * SYNC_BATCHED and SYNC_NONE the record that retired it may not be
+ * durable yet: after a power loss the index as of the last sync lists the
+ * extent again, so its bytes must still be there. Its space is held until
+ * the next index sync (space_release_held); with SYNC_EVERY the record is
+ * already synced. On out of memory the space is leaked until the next
+ * open, which is safe. */
+static void space_retire(struct kv_store *st, uint64_t off, uint64_t len)
+{
+	if (st->sync == KV_STORE_SYNC_EVERY) {
+		space_free(st, off, len);
+		return;
+	}
+	if (st->n_held == st->cap_held) {
+		size_t cap = st->cap_held ? st->cap_held * 2 : 64;
+		struct range *nr = realloc(st->held, cap * sizeof(*nr));
+
+		if (!nr) {
+			kv_log(KV_LOG_WARN, "store '%s': out of memory: %" PRIu64
+			       " bytes at %" PRIu64 " unused until reopen", st->dir, len, off);
+			return;
+		}
+		st->held = nr;
+		st->cap_held = cap;
+	}
+	st->held[st->n_held++] = (struct range){ off, len };
+}
+
+/* After a successful index sync. Called with log_lock held, so every
+ * held range's retiring record was appended before that sync (a retire
+ * follows its append, and appends take log_lock). */
+static void space_release_held(struct kv_store *st)
+{
+	pthread_mutex_lock(&st->lock);
+	for (size_t i = 0; i < st->n_held; i++)
+		space_free(st, st->held[i].off, st->held[i].len);
+	st->n_held = 0;
+	pthread_mutex_unlock(&st->lock);
+}
+
 static void registry_update(struct kv_store *st)
 {
 	if (st->rec != KV_HANDLE_NONE)
@@ -370,7 +444,7 @@ static void ext_retire(struct kv_store *st, struct ext *x)
 		x->dead = true;
 		return;
 	}
-	space_free(st, x->e.offset, x->alloc);
+	space_retire(st, x->e.offset, x->alloc);
 	free(x);
 }
 
@@ -397,7 +471,10 @@ static void ext_insert(struct kv_store *st, struct ext *x)
 		       st->dir, st->n_buckets);
 }
 
-/* The live extent that ext describes, or NULL. */
+/* The live extent that ext describes, or NULL. The id alone should do,
+ * but ids can repeat after a power loss took index records with it (and
+ * did after compaction in old versions): the checksum and length make a
+ * stale handle fail rather than read another put's bytes. */
 static struct ext *ext_find(struct kv_store *st, const struct kv_store_extent *e)
 {
 	struct ext *x;
@@ -405,7 +482,8 @@ static struct ext *ext_find(struct kv_store *st, const struct kv_store_extent *e
 	if (e->key_len == 0 || e->key_len > KV_STORE_KEY_MAX)
 		return NULL;
 	x = *find_slot(st, e->key, e->key_len);
-	if (!x || x->e.id != e->id || x->e.offset != e->offset || x->e.len != e->len)
+	if (!x || x->e.id != e->id || x->e.offset != e->offset || x->e.len != e->len ||
+	    x->e.checksum != e->checksum)
 		return NULL;
 	return x;
 }
@@ -467,10 +545,12 @@ static int log_policy_sync(struct kv_store *st, uint32_t n)
 	rc = do_datasync(st->dfd, "store.data");
 	if (!rc)
 		rc = do_datasync(st->ifd, "store.idx");
-	if (rc)
+	if (rc) {
 		kv_log(KV_LOG_WARN, "store '%s': batch sync failed: %s", st->dir, kv_last_error());
-	else
+	} else {
 		st->unsynced = 0;
+		space_release_held(st);
+	}
 	return 0;
 }
 
@@ -505,10 +585,15 @@ static int log_append(struct kv_store *st, struct store_record *recs, uint32_t n
 		rc = log_policy_sync(st, n);
 	}
 	if (rc) {
-		if (ftruncate(st->ifd, (off_t)start)) {
+		int cut = log_cut_back(st, start);
+
+		/* The records may still be there, or come back after a power
+		 * loss: no further append may follow them. */
+		if (cut) {
 			st->broken = true;
 			kv_log(KV_LOG_ERROR, "store '%s': cannot cut store.idx back to %" PRIu64
-			       ": %s", st->dir, start, strerror(errno));
+			       " after a failed append: %s; writes fail until reopen", st->dir,
+			       start, strerror(-cut));
 		}
 	} else {
 		st->log_end = start + n * sizeof(*recs);
@@ -701,8 +786,11 @@ int kv_store_put_async(struct kv_store *st, const void *key, size_t key_len, con
 	op->ext.len = len;
 	op->alloc = align_up(len, st->align);
 	/* O_DIRECT writes whole aligned blocks, and the engine does not pad:
-	 * the tail goes through a zero-padded bounce block of our own. */
-	body = st->direct ? len / st->align * st->align : len;
+	 * the tail goes through a zero-padded bounce block of our own. A
+	 * buffered store pads the same way, so in both modes the file covers
+	 * every extent's whole allocation (replay drops an extent the file
+	 * does not cover) and the layout does not depend on the mode. */
+	body = len / st->align * st->align;
 	if (body < len) {
 		op->tail = aligned_alloc(st->align < 4096 ? 4096 : st->align,
 					 align_up(st->align, 4096));
@@ -817,7 +905,7 @@ int kv_store_put(struct kv_store *st, const void *key, size_t key_len, const voi
 static void ext_unpin(struct kv_store *st, struct ext *x)
 {
 	if (--x->readers == 0 && x->dead) {
-		space_free(st, x->e.offset, x->alloc);
+		space_retire(st, x->e.offset, x->alloc);
 		free(x);
 	}
 }
@@ -962,7 +1050,7 @@ int kv_store_lookup(struct kv_store *st, const void *key, size_t key_len,
 int kv_store_delete(struct kv_store *st, const struct kv_store_extent *ext)
 {
 	struct store_record rec;
-	struct ext *x, **pp;
+	struct ext *x;
 	uint64_t seq;
 	int rc;
 
@@ -970,36 +1058,39 @@ int kv_store_delete(struct kv_store *st, const struct kv_store_extent *ext)
 		return kv_fail(EINVAL, "kv_store_delete: NULL argument");
 	pthread_mutex_lock(&st->lock);
 	x = ext_find(st, ext);
+	if (x && x->deleting)
+		x = NULL;
 	if (x) {
-		/* Out of the table now, so no new get pins it and no other
-		 * delete races; its space is not reused before its record is
-		 * in the index. */
-		pp = find_slot(st, x->e.key, x->e.key_len);
-		*pp = x->next;
+		/* The extent stays live (gets, lookups and walks see it, and
+		 * a failed delete has nothing to undo) until its record is in
+		 * the index; deleting keeps a second delete out, and the pin
+		 * keeps x if a put of the key replaces it meanwhile. */
+		x->deleting = true;
 		x->readers++;
 	}
 	pthread_mutex_unlock(&st->lock);
 	if (!x)
-		return kv_fail(ENOENT, "store '%s': delete of extent %" PRIu64 ": not live",
-			       st->dir, ext->id);
+		return kv_fail(ENOENT, "store '%s': delete of extent %" PRIu64 ": not live "
+			       "(or being deleted)", st->dir, ext->id);
 	record_fill(&rec, 0, REC_DELETE, &x->e, x->e.id);
 	rc = log_append(st, &rec, 1, &seq);
 	pthread_mutex_lock(&st->lock);
-	x->readers--;
-	if (rc) {
-		/* Back into the table, unless a put of the same key
-		 * replaced it meanwhile: then that put's record is the
-		 * later one in the index, and x is retired as replaced. */
-		pp = find_slot(st, x->e.key, x->e.key_len);
-		x->next = NULL;
-		if (*pp)
-			ext_retire(st, x);
-		else
-			*pp = x;
-	} else {
+	x->deleting = false;
+	if (!rc)
 		st->deletes++;
-		ext_retire(st, x);
-		registry_update(st);
+	if (x->dead) {
+		/* Replaced meanwhile and retired by that put: whichever record
+		 * came first, replay ends with the put's extent. */
+		ext_unpin(st, x);
+	} else {
+		x->readers--;
+		if (!rc) {
+			struct ext **pp = find_slot(st, x->e.key, x->e.key_len);
+
+			*pp = x->next;
+			ext_retire(st, x);
+			registry_update(st);
+		}
 	}
 	pthread_mutex_unlock(&st->lock);
 	return rc;
@@ -1047,8 +1138,10 @@ int kv_store_sync(struct kv_store *st)
 	rc = do_datasync(st->dfd, "store.data");
 	if (!rc)
 		rc = do_datasync(st->ifd, "store.idx");
-	if (!rc)
+	if (!rc) {
 		st->unsynced = 0;
+		space_release_held(st);
+	}
 	pthread_mutex_unlock(&st->log_lock);
 	return rc;
 }
@@ -1072,8 +1165,9 @@ void kv_store_stats(struct kv_store *st, struct kv_store_stats *out)
 	out->file_bytes = st->end - st->data_start;
 	for (size_t i = 0; i < st->n_free; i++)
 		out->free_bytes += st->free[i].len;
+	/* A reopen with a smaller capacity can leave more in use than it. */
 	if (st->capacity)
-		room = st->capacity - (st->end - st->data_start);
+		room = st->capacity > out->file_bytes ? st->capacity - out->file_bytes : 0;
 	out->free_bytes += room;
 	out->puts = st->puts;
 	out->gets = st->gets;
@@ -1106,7 +1200,7 @@ int kv_store_validate(struct kv_store *st)
 	if (!st)
 		return kv_fail(EINVAL, "kv_store_validate: NULL store");
 	pthread_mutex_lock(&st->lock);
-	all = malloc((st->n_ext + st->n_free + 1) * sizeof(*all));
+	all = malloc((st->n_ext + st->n_free + st->n_held + 1) * sizeof(*all));
 	if (!all) {
 		pthread_mutex_unlock(&st->lock);
 		return kv_fail(ENOMEM, "store validate: out of memory");
@@ -1122,6 +1216,10 @@ int kv_store_validate(struct kv_store *st)
 				     "overlapping or touching", i - 1, i);
 		all[n++] = *r;
 		covered += r->len;
+	}
+	for (size_t i = 0; i < st->n_held; i++) {
+		all[n++] = st->held[i];
+		covered += st->held[i].len;
 	}
 	for (size_t b = 0; b < st->n_buckets; b++)
 		for (struct ext *x = st->buckets[b]; x; x = x->next) {
@@ -1173,7 +1271,7 @@ void kv_store_config_default(struct kv_store_config *cfg)
 }
 
 static void header_fill(struct store_header *h, const struct kv_store_config *cfg,
-			uint32_t kind, uint32_t align, uint64_t data_start)
+			uint32_t kind, uint32_t align, uint64_t data_start, uint64_t next_seq)
 {
 	memset(h, 0, sizeof(*h));
 	memcpy(h->magic, STORE_MAGIC, 8);
@@ -1182,6 +1280,7 @@ static void header_fill(struct store_header *h, const struct kv_store_config *cf
 	h->align = align;
 	h->identity_len = (uint32_t)cfg->identity_len;
 	h->data_start = data_start;
+	h->next_seq = next_seq;
 	memcpy(h->identity, cfg->identity, cfg->identity_len);
 	h->checksum = header_sum(h);
 }
@@ -1259,7 +1358,7 @@ static int index_write_new(struct kv_store *st, const struct kv_store_config *cf
 		rc = kv_fail(errno, "store '%s': create %s: %s", st->dir, tmp, strerror(errno));
 		goto out;
 	}
-	header_fill(&h, cfg, FILE_INDEX, st->align, st->data_start);
+	header_fill(&h, cfg, FILE_INDEX, st->align, st->data_start, st->next_seq);
 	rc = pwrite_all(fd, &h, sizeof(h), 0, false);
 	if (!rc && n)
 		rc = pwrite_all(fd, recs, n * sizeof(*recs), sizeof(h), false);
@@ -1326,6 +1425,7 @@ static const char *record_problem(const struct kv_store *st, const struct store_
 		return "bad type or key length";
 	if (r->type == REC_PUT &&
 	    (!r->len || r->offset % st->align || r->offset < st->data_start ||
+	     r->len > UINT64_MAX - st->align ||
 	     r->offset + align_up(r->len, st->align) < r->offset))
 		return "extent out of range";
 	return NULL;
@@ -1414,7 +1514,10 @@ static int replay(struct kv_store *st, const struct kv_store_config *cfg)
 	}
 	st->log_end = HEADER_BYTES + good * sizeof(struct store_record);
 	st->records = good;
-	st->next_seq = prev_seq + 1;
+	/* The header's mark (set by the open, from the last compaction)
+	 * covers ids whose records compaction dropped. */
+	if (st->next_seq < prev_seq + 1)
+		st->next_seq = prev_seq + 1;
 
 	/* Live extents by offset: gaps become free ranges. Overlaps (an
 	 * index from before a power loss with SYNC_NONE) keep the later put;
@@ -1492,9 +1595,9 @@ out:
 	return rc;
 }
 
-/* Create both files of a new store: data header first, then the index,
- * which appears atomically, so a store without an index was never in
- * use. */
+/* Create both files of a new store (store.data is open, locked, and
+ * empty or header-only): data header first, then the index, which
+ * appears atomically, so a store without an index was never in use. */
 static int create_files(struct kv_store *st, const struct kv_store_config *cfg)
 {
 	struct store_header h;
@@ -1504,9 +1607,12 @@ static int create_files(struct kv_store *st, const struct kv_store_config *cfg)
 	block = calloc(1, st->data_start);
 	if (!block)
 		return kv_fail(ENOMEM, "store: out of memory");
-	header_fill(&h, cfg, FILE_DATA, st->align, st->data_start);
+	header_fill(&h, cfg, FILE_DATA, st->align, st->data_start, 0);
 	memcpy(block, &h, sizeof(h));
-	rc = pwrite_all(st->dfd, block, st->data_start, 0, false);
+	/* A header left by a creation cut short may be of another layout. */
+	rc = ftruncate(st->dfd, 0) ? -errno : 0;
+	if (!rc)
+		rc = pwrite_all(st->dfd, block, st->data_start, 0, false);
 	free(block);
 	if (rc)
 		return kv_fail(-rc, "store '%s': write store.data header: %s", st->dir,
@@ -1529,6 +1635,7 @@ static void store_free(struct kv_store *st)
 		}
 	free(st->buckets);
 	free(st->free);
+	free(st->held);
 	if (st->rec != KV_HANDLE_NONE)
 		kv_registry_forget(st->reg, st->rec);
 	if (st->io && st->dfile >= 0)
@@ -1554,8 +1661,8 @@ int kv_store_open(const struct kv_store_config *cfg, struct kv_store **out)
 {
 	struct kv_store *st;
 	char *dpath = NULL, *ipath = NULL;
-	struct stat sb;
-	bool have_data, have_idx;
+	struct stat sb, isb;
+	bool have_idx;
 	int rc;
 
 	if (!cfg || !out || !cfg->dir || !*cfg->dir)
@@ -1597,13 +1704,12 @@ int kv_store_open(const struct kv_store_config *cfg, struct kv_store **out)
 		rc = kv_fail(errno, "store: mkdir '%s': %s", cfg->dir, strerror(errno));
 		goto fail;
 	}
-	have_data = stat(dpath, &sb) == 0;
-	have_idx = stat(ipath, &sb) == 0;
-	if (have_data != have_idx) {
-		rc = kv_fail(EBADMSG, "store '%s': %s exists without %s: not a complete store "
-			     "(remove it to start afresh)", cfg->dir,
-			     have_data ? "store.data" : "store.idx",
-			     have_data ? "store.idx" : "store.data");
+	/* An index without its data file: refused before store.data is
+	 * created below, so the refusal changes nothing. (The index is
+	 * written after the data header, so no creation leaves this.) */
+	if (stat(ipath, &sb) == 0 && stat(dpath, &sb) && errno == ENOENT) {
+		rc = kv_fail(EBADMSG, "store '%s': store.idx exists without store.data: not a "
+			     "complete store (remove it to start afresh)", cfg->dir);
 		goto fail;
 	}
 
@@ -1619,20 +1725,23 @@ int kv_store_open(const struct kv_store_config *cfg, struct kv_store **out)
 			goto fail;
 		st->own_io = true;
 	}
-	st->dfile = kv_io_open(st->io, dpath, KV_IO_READ | KV_IO_WRITE | KV_IO_CREATE);
-	if (st->dfile < 0) {
-		rc = st->dfile;
-		goto fail;
-	}
-	st->dfd = open(dpath, O_RDWR | O_CLOEXEC);
+	/* One process at a time: two would hand out the same space. The
+	 * lock comes first, and whether to create or open is decided from
+	 * what the locked files hold: two processes opening a fresh
+	 * directory must not both create. */
+	st->dfd = open(dpath, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
 	if (st->dfd < 0) {
 		rc = kv_fail(errno, "store: open %s: %s", dpath, strerror(errno));
 		goto fail;
 	}
-	/* One process at a time: two would hand out the same space. */
 	if (flock(st->dfd, LOCK_EX | LOCK_NB)) {
 		rc = kv_fail(errno == EWOULDBLOCK ? EBUSY : errno, "store '%s': %s", cfg->dir,
 			     errno == EWOULDBLOCK ? "open in another process" : strerror(errno));
+		goto fail;
+	}
+	st->dfile = kv_io_open(st->io, dpath, KV_IO_READ | KV_IO_WRITE);
+	if (st->dfile < 0) {
+		rc = st->dfile;
 		goto fail;
 	}
 	{
@@ -1650,15 +1759,39 @@ int kv_store_open(const struct kv_store_config *cfg, struct kv_store **out)
 			st->align = 512;
 	}
 
-	if (!have_data) {
-		st->data_start = align_up(4096, st->align);
-		rc = create_files(st, cfg);
-		if (rc) {
-			unlink(dpath);
+	if (fstat(st->dfd, &sb)) {
+		rc = kv_fail(errno, "store: fstat %s: %s", dpath, strerror(errno));
+		goto fail;
+	}
+	have_idx = stat(ipath, &isb) == 0;
+	if (!have_idx && sb.st_size) {
+		/* The index appears (atomically) only after the data header is
+		 * synced: a data file with nothing past a sound header is a
+		 * creation cut short and is completed; one with more is a
+		 * store that lost its index. */
+		struct store_header hd;
+
+		rc = header_check(st->dfd, cfg->dir, "store.data", FILE_DATA, cfg, &hd);
+		if (rc == -ESTALE)
+			goto fail;
+		if (rc || (uint64_t)sb.st_size > hd.data_start) {
+			rc = kv_fail(EBADMSG, "store '%s': store.data exists without store.idx%s: "
+				     "not a complete store (remove it to start afresh)", cfg->dir,
+				     rc ? " and has no sound header" : "");
 			goto fail;
 		}
-		st->end = st->data_start;
+		kv_log(KV_LOG_WARN, "store '%s': store.data without store.idx holds only its "
+		       "header: completing a creation cut short", cfg->dir);
+	}
+	if (!have_idx) {
+		st->data_start = align_up(4096, st->align);
 		st->next_seq = 1;
+		/* On failure the files are left as they are: a later open
+		 * completes the creation. */
+		rc = create_files(st, cfg);
+		if (rc)
+			goto fail;
+		st->end = st->data_start;
 	} else {
 		struct store_header h;
 
@@ -1689,9 +1822,18 @@ int kv_store_open(const struct kv_store_config *cfg, struct kv_store **out)
 		}
 		st->align = h.align;
 		st->data_start = h.data_start;
+		st->next_seq = h.next_seq;
 		rc = replay(st, cfg);
 		if (rc)
 			goto fail;
+		if (st->capacity && st->end - st->data_start > st->capacity) {
+			char a[32], b[32];
+
+			kv_log(KV_LOG_WARN, "store '%s': %s of extent space in use, over the "
+			       "capacity of %s: puts fit only in holes until deletes make room",
+			       cfg->dir, kv_format_bytes(st->end - st->data_start, a, sizeof(a)),
+			       kv_format_bytes(st->capacity, b, sizeof(b)));
+		}
 	}
 
 	rc = kv_registry_record(st->reg, st->used_bytes, KV_TIER_SSD, 0, cfg->kind, 0, st->label,

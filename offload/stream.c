@@ -7,8 +7,9 @@
  * kv_stream_create(), kv_stream_acquire(), kv_stream_release().
  *
  * The budget is split once at create (split_budget()): a FIFO ring for
- * the streamed tensors, sized for the tensors held plus those in flight,
- * and buffers for the tensors that stay resident. Order positions are
+ * the streamed tensors, sized for the tensors held plus those in flight
+ * plus the tail a wrap may skip (window_need()), and buffers for the
+ * tensors that stay resident. Order positions are
  * absolute counters: `pos` is the next position to acquire, `ahead` the
  * next one to issue; each tensor counts the positions in [pos, ahead)
  * naming it plus its acquires not yet released (`refs`), and a streamed
@@ -124,22 +125,30 @@ int kv_tensor_index_add(struct kv_tensor_index *idx, const struct kv_tensor_info
 	rc = check_tensor(t);
 	if (rc)
 		return rc;
-	for (dup = 0; dup < idx->n; dup++)
-		if (strcmp(idx->t[dup].name, t->name) == 0)
-			return kv_fail(EEXIST, "tensor index: '%s' is already tensor %" PRIu32,
-				       t->name, dup);
-	if (idx->n == UINT32_MAX - 1)
-		return kv_fail(ENOMEM, "tensor index: full");
+	/* Grow before the duplicate scan: growing leaves the entries as they
+	 * are, and a full index fails without walking them. The doubling
+	 * stops at 2^31 entries, where cap * 2 would wrap to 0 and realloc
+	 * to 0 bytes would free the array; the byte count must fit a size_t
+	 * too (32-bit). */
 	if (idx->n == idx->cap) {
 		uint32_t cap = idx->cap ? idx->cap * 2 : 64;
-		struct kv_tensor_info *nt = realloc(idx->t, (size_t)cap * sizeof(*nt));
+		size_t max_cap = SIZE_MAX / sizeof(struct kv_tensor_info);
+		struct kv_tensor_info *nt;
 
+		if (idx->cap > UINT32_MAX / 2 || cap > max_cap)
+			return kv_fail(ENOMEM, "tensor index: full at %" PRIu32 " tensors",
+				       idx->n);
+		nt = realloc(idx->t, (size_t)cap * sizeof(*nt));
 		if (!nt)
 			return kv_fail(ENOMEM, "tensor index: out of memory for %" PRIu32 " tensors",
 				       cap);
 		idx->t = nt;
 		idx->cap = cap;
 	}
+	for (dup = 0; dup < idx->n; dup++)
+		if (strcmp(idx->t[dup].name, t->name) == 0)
+			return kv_fail(EEXIST, "tensor index: '%s' is already tensor %" PRIu32,
+				       t->name, dup);
 	idx->t[idx->n] = *t;
 	/* Unused dims are kept 0 so copies compare equal. */
 	for (uint32_t d = t->n_dims; d < KV_TENSOR_DIMS_MAX; d++)
@@ -248,6 +257,7 @@ struct kv_stream {
 	 * allocation order, each inside [0, ring_bytes). */
 	char *ring_base;             /* IO: arena memory; MMAP: NULL */
 	uint64_t ring_bytes;
+	size_t gran;                 /* buffers are multiples of this */
 	struct ring_entry *q;
 	uint32_t q_cap, q_head, q_n;
 
@@ -280,7 +290,8 @@ void kv_stream_config_default(struct kv_stream_config *cfg)
 
 /* Take len bytes at the head of the ring: 0 and *off, or -1 when the
  * free space at the head (or, wrapping, before the oldest entry) is too
- * small. The tail skipped by a wrap stays unused until the ring drains. */
+ * small. The tail skipped by a wrap stays unused until the oldest entry
+ * passes it; window_need() sizes the ring for that. */
 static int ring_alloc(struct kv_stream *s, uint64_t len, uint32_t tensor, uint64_t *off)
 {
 	uint64_t at, head, tail;
@@ -319,7 +330,11 @@ static int ring_alloc(struct kv_stream *s, uint64_t len, uint32_t tensor, uint64
 	return 0;
 }
 
-/* Free an entry; the oldest freed entries leave the ring. */
+/* Free an entry; freed entries at either end leave the ring. The oldest
+ * move the tail; the newest move the head back, so a buffer given up right
+ * after ring_alloc() (a read that failed to submit) or a tensor released
+ * while older ones are still held does not keep its space until the ring
+ * drains. Freed entries in the middle stay until an end reaches them. */
 static void ring_free(struct kv_stream *s, uint32_t slot)
 {
 	s->q[slot].freed = true;
@@ -327,6 +342,8 @@ static void ring_free(struct kv_stream *s, uint32_t slot)
 		s->q_head = (s->q_head + 1) % s->q_cap;
 		s->q_n--;
 	}
+	while (s->q_n && s->q[(s->q_head + s->q_n - 1) % s->q_cap].freed)
+		s->q_n--;
 }
 
 /* ---- Reads ---- */
@@ -413,6 +430,8 @@ static int issue(struct kv_stream *s, struct st_tensor *t)
 	if (rc) {
 		if (!t->resident) {
 			ring_free(s, t->ring_slot);
+			/* The newest entry: ring_free() takes it off the
+			 * ring, so the retry gets the same space. */
 			if (s->backend == KV_STREAM_IO)
 				t->buf = NULL;
 		}
@@ -472,9 +491,18 @@ static int cmp_size_desc(const void *a, const void *b)
 	return (x < y) - (x > y);
 }
 
-/* Sum of the k largest buffers among the tensors of the order that are
- * not resident. */
-static uint64_t window_for(const struct kv_stream *s, uint32_t k, size_t *tmp)
+/* The ring that always has room for k live buffers of the streamed (not
+ * resident) tensors of the order: the sum S of the k largest, plus, when
+ * two or more can be live, the largest L minus one granule g. Why the
+ * extra: the ring is FIFO and a buffer is contiguous, so an entry that
+ * does not fit before the end wraps to 0 and skips the tail, up to L - g
+ * bytes. With R = S + L - g and the other live entries taking at most
+ * S - len: unwrapped, the two free pieces (end and start) total at least
+ * L + len - g, so one holds len; wrapped, the free run before the oldest
+ * is R minus the entries minus the skipped tail, at least len. Without it
+ * sizes 15, 25, 25 pages in 50 fail with 25 held (B at 15..40 leaves 15 +
+ * 10 pages). A lone live buffer always starts at 0, so k = 1 needs L. */
+static uint64_t window_need(const struct kv_stream *s, uint32_t k, size_t *tmp)
 {
 	uint32_t n = 0;
 	uint64_t sum = 0;
@@ -485,6 +513,8 @@ static uint64_t window_for(const struct kv_stream *s, uint32_t k, size_t *tmp)
 	qsort(tmp, n, sizeof(*tmp), cmp_size_desc);
 	for (uint32_t i = 0; i < n && i < k; i++)
 		sum += tmp[i];
+	if (n >= 2 && k >= 2)
+		sum += tmp[0] - s->gran;
 	return sum;
 }
 
@@ -503,8 +533,11 @@ static int cmp_rank(const void *a, const void *b)
 }
 
 /* Decide which tensors stay resident and how big the ring is (see the
- * header): the ring holds the hold + lookahead largest streamed buffers,
- * the rest of the budget keeps tensors by uses, then first use. Choosing
+ * header): the ring is window_need(hold + lookahead), cut to the budget
+ * but never below window_need(hold) (else -EINVAL: the consumer could not
+ * hold what it said, and would learn it as -ENOMEM mid-run); the rest of
+ * the budget keeps tensors by uses, then first use. Read-ahead beyond the
+ * hold is best effort, so cutting into it only costs overlap. Choosing
  * residents can only shrink the ring, which frees budget for more
  * residents, so repeat until nothing changes. */
 static int split_budget(struct kv_stream *s, uint64_t budget, uint64_t *resident_bytes)
@@ -535,7 +568,15 @@ static int split_budget(struct kv_stream *s, uint64_t budget, uint64_t *resident
 		goto done;
 	}
 	qsort(rank, n, sizeof(*rank), cmp_rank);
-	ring = window_for(s, s->hold + s->lookahead, tmp);
+	ring = window_need(s, s->hold, tmp);
+	if (ring > budget) {
+		rc = kv_fail(EINVAL, "stream '%s': budget of %" PRIu64 " bytes is below the "
+			     "window for holding %" PRIu32 " tensors (%" PRIu64 " bytes: the %"
+			     PRIu32 " largest buffers and the largest again, less %zu, for the "
+			     "ring's wrap)", s->label, budget, s->hold, ring, s->hold, s->gran);
+		goto out;
+	}
+	ring = window_need(s, s->hold + s->lookahead, tmp);
 	if (ring > budget)
 		ring = budget;
 	while (changed) {
@@ -550,7 +591,7 @@ static int split_budget(struct kv_stream *s, uint64_t budget, uint64_t *resident
 			}
 		}
 		if (changed) {
-			uint64_t w = window_for(s, s->hold + s->lookahead, tmp);
+			uint64_t w = window_need(s, s->hold + s->lookahead, tmp);
 
 			ring = w < ring ? w : ring;
 		}
@@ -719,6 +760,7 @@ int kv_stream_create(const struct kv_stream_config *cfg, struct kv_stream **out)
 		gran = oa;
 	if (ma > gran)
 		gran = ma;
+	s->gran = gran;
 	for (uint32_t i = 0; i < s->n_tensors; i++) {
 		struct st_tensor *t = &s->t[i];
 		struct kv_tensor_info ti;

@@ -30,7 +30,7 @@ int kv_fail(int err, const char *fmt, ...) KV_PRINTF(2, 3);
 
 /* Log one line at `level` (no trailing newline needed). */
 void kv_log(enum kv_log_level level, const char *fmt, ...) KV_PRINTF(2, 3);
-void kv_vlog(enum kv_log_level level, const char *fmt, va_list ap);
+void kv_vlog(enum kv_log_level level, const char *fmt, va_list ap) KV_PRINTF(2, 0);
 
 /* Whether a message at `level` would go anywhere (cheap check before
  * building an expensive message). */

@@ -214,6 +214,10 @@ KV_API void kv_io_stats(const struct kv_io *io, struct kv_io_stats *out);
  * Whatever the policy, after a crash the store opens, a torn index tail is
  * dropped, and no listed extent ever yields unverified bytes: an extent
  * whose data did not reach the disk before a power loss reads as -EBADMSG.
+ * With BATCHED and NONE the space of a replaced or deleted extent is
+ * reused only after the next sync (batch or kv_store_sync()), so that an
+ * extent kept by a power loss still holds its bytes; until then it counts
+ * in neither used_bytes nor free_bytes.
  */
 
 enum kv_store_sync {
@@ -273,11 +277,14 @@ KV_API void kv_store_config_default(struct kv_store_config *cfg);
 /* Create the store in cfg->dir, or reopen it: the index is replayed, a
  * torn or corrupt tail of it dropped (truncated, with a warning in the
  * log), the free space rebuilt from the live extents, and the index
- * compacted when it holds far more records than live extents.
+ * compacted when it holds far more records than live extents. The
+ * decision to create is taken under the store's lock; a store.data with
+ * only its header and no store.idx (a creation cut short) is completed.
  * Errors: -EINVAL (config), -ESTALE (the store was written for another
  * identity), -EBADMSG (a header or the start of the index is not a
- * store's, or one of the two files is missing: the detail names the file
- * and what is wrong; nothing is changed), -EBUSY (open in another
+ * store's, store.idx exists without store.data, or store.data holds more
+ * than its header without store.idx: the detail names the file and what
+ * is wrong; nothing is changed), -EBUSY (open in another
  * process), -ENOMEM, -errno of the file system. Ownership: close with
  * kv_store_close(). */
 KV_API int kv_store_open(const struct kv_store_config *cfg, struct kv_store **out);
@@ -309,17 +316,22 @@ KV_API int kv_store_put_async(struct kv_store *st, const void *key, size_t key_l
 
 /* Read an extent into dst (ext->len bytes, any alignment; aligned to the
  * file's memory alignment it is read in place without staging) and verify
- * its checksum. On failure dst holds zeroes over ext->len: a caller is
- * never handed corrupt or partial bytes.
+ * its checksum. On a read or checksum failure dst holds zeroes over
+ * ext->len: a caller is never handed corrupt or partial bytes. Errors
+ * found before any read (-EINVAL, -ENOENT, -ENOMEM, -ESHUTDOWN, a failed
+ * submit) leave dst untouched (ext->len of a stale handle is not trusted).
  * Errors: -ENOENT (not live: deleted, replaced, or not this store's),
  * -EBADMSG (checksum mismatch; the detail names the key and offset),
  * -EIO and other read errors. Thread safety: any thread; an extent being
- * read may be deleted meanwhile: its space is reused only after the read. */
+ * read may be deleted meanwhile: its space is reused only after the read.
+ * An extent whose delete is in progress reads normally until the delete
+ * returns. */
 KV_API int kv_store_get(struct kv_store *st, const struct kv_store_extent *ext, void *dst);
 
 /* The asynchronous get: 0 once queued, then cb(ctx, result, ext) as
  * kv_store_get() would return, on an engine thread. dst belongs to the
- * store until cb. Errors (cb not called): -ENOENT, -ENOMEM, -ESHUTDOWN. */
+ * store until cb. Errors (cb not called, dst untouched): -EINVAL,
+ * -ENOENT, -ENOMEM, -ESHUTDOWN, and the engine's submit errors. */
 KV_API int kv_store_get_async(struct kv_store *st, const struct kv_store_extent *ext,
 			      void *dst, kv_store_cb cb, void *ctx);
 
@@ -329,8 +341,10 @@ KV_API int kv_store_lookup(struct kv_store *st, const void *key, size_t key_len,
 			   struct kv_store_extent *out);
 
 /* Delete an extent: its delete record enters the index (fdatasync'ed with
- * SYNC_EVERY) before its space can be reused. Errors: -ENOENT (not live),
- * index write errors (the extent then stays live). Thread safety: any. */
+ * SYNC_EVERY) before its space can be reused. Until the record is in, the
+ * extent stays live: gets, lookups and kv_store_foreach() still see it.
+ * Errors: -ENOENT (not live, or its delete is already in progress), index
+ * write errors (the extent then stays live). Thread safety: any. */
 KV_API int kv_store_delete(struct kv_store *st, const struct kv_store_extent *ext);
 
 /* Call fn once per live extent, in offset order, on a snapshot taken at
@@ -404,7 +418,8 @@ KV_API void kv_mmap_config_default(struct kv_mmap_config *cfg);
  * fails and nothing is left behind.
  * Errors: -errno of open(2)/fstat(2)/mmap(2) with the path in the detail
  * (-ENOENT, -EACCES, ...), -EINVAL (NULL, empty file, not a regular file),
- * with required: -ENOMEM/-EPERM (mlock), -EIO (populate); -ENOMEM, and
+ * with required: -ENOMEM/-EPERM (mlock), -EIO (populate, whatever madvise
+ * said: the detail names its error); -ENOMEM, and
  * the registry's errors. Ownership: close with kv_mmap_close(). */
 KV_API int kv_mmap_open(const char *path, const struct kv_mmap_config *cfg,
 			struct kv_mmap **out);
@@ -492,7 +507,8 @@ KV_API void kv_tensor_index_destroy(struct kv_tensor_index *idx);
  * is checked on its own: name 1..63 bytes and unique, dtype, 1..4 dims
  * each > 0, product of the shape times the dtype size == bytes, offset +
  * bytes without overflow. Errors: -EINVAL (naming the field), -EEXIST
- * (name taken), -ENOMEM. On error the index is unchanged. */
+ * (name taken), -ENOMEM (also: the index is full, at 2^31 tensors). On
+ * error the index is unchanged. */
 KV_API int kv_tensor_index_add(struct kv_tensor_index *idx,
 			       const struct kv_tensor_info *t, uint32_t *id);
 
@@ -519,11 +535,19 @@ KV_API int kv_tensor_index_validate(const struct kv_tensor_index *idx,
  * are issued `lookahead` tensors ahead of use so I/O overlaps compute,
  * and kv_stream_acquire() blocks only when a read is late.
  *
- * Budget split, decided at create: the window, sized for the `hold`
- * tensors the consumer keeps acquired plus `lookahead` in flight (the sum
- * of the hold + lookahead largest buffers of the order), is a FIFO ring
- * that streamed tensors cycle through; the rest of the budget keeps
- * tensors resident after their first load. Residents are chosen by uses
+ * Budget split, decided at create: the window is a FIFO ring that
+ * streamed tensors cycle through, each buffer contiguous; the rest of the
+ * budget keeps tensors resident after their first load, and window +
+ * resident buffers <= budget_bytes. The window is sized for k = hold +
+ * lookahead live buffers: the sum of the k largest streamed buffers plus
+ * the largest once more less one granule (a page, or the O_DIRECT
+ * alignment if larger), because an entry that does not fit before the end
+ * of the ring wraps to its start and skips that tail (k = 1: just the
+ * largest). A budget too small for that is cut into the read-ahead only
+ * (read-ahead is best effort; less of it means less overlap): the window
+ * for k = hold must fit, or create fails with -EINVAL. For example,
+ * buffers of 15, 25 and 25 pages with hold 2 need a 74-page window, not
+ * 50: with B at pages 15..40, C finds 15 + 10 free pages but not 25. Residents are chosen by uses
  * per pass (a tensor named twice in the order saves two reads per pass),
  * then by first use, skipping what does not fit. Why not by reuse
  * distance: in a cyclic order every tensor's reuse distance is one pass,
@@ -544,8 +568,11 @@ KV_API int kv_tensor_index_validate(const struct kv_tensor_index *idx,
  *
  * Order: acquires must follow cfg.order, repeating; an acquire of any
  * other tensor is -EINVAL and changes nothing. A tensor stays valid from
- * acquire until its release; the consumer may hold at most what the
- * window holds (more: -ENOMEM until it releases).
+ * acquire until its release; the consumer may hold `hold` tensors (more
+ * may fail with -ENOMEM until it releases). The window assumes releases come
+ * roughly in acquire order: the ring is FIFO, so a tensor kept held while
+ * later ones are acquired and released pins their space until its own
+ * release, and can run the window out (-ENOMEM) within `hold`.
  *
  * A failed read (-EIO, ...) makes the acquire of that tensor return the
  * error with the tensor and the engine's detail; the order position does
@@ -567,8 +594,8 @@ struct kv_stream_config {
 	const char *path;                    /* the tensor file */
 	const uint32_t *order;               /* (order_len) tensor ids; copied */
 	uint32_t order_len;
-	uint64_t budget_bytes;               /* DRAM for tensor buffers (> the
-					      * largest buffer of the order) */
+	uint64_t budget_bytes;               /* DRAM for tensor buffers (>= the
+					      * window for `hold`, see above) */
 	uint32_t lookahead;                  /* tensors ahead in flight (default 4) */
 	uint32_t hold;                       /* tensors held at once (default 1) */
 	enum kv_stream_backend backend;
@@ -585,7 +612,8 @@ KV_API void kv_stream_config_default(struct kv_stream_config *cfg);
  * splits the budget, allocates the buffers. No tensor is read yet: the
  * first acquire issues the first reads. Errors: -EINVAL (NULL fields, an
  * order id outside the index, a tensor outside the file or with a shape
- * not matching its size, a budget below the largest buffer, zero hold),
+ * not matching its size, a budget below the largest buffer or the window
+ * that `hold` needs, zero hold),
  * -errno of opening the file (path in the detail), -ENOMEM, the engine's
  * and the arena's errors. On error nothing is left behind.
  * Ownership: destroy with kv_stream_destroy(). */
@@ -623,7 +651,8 @@ struct kv_stream_stats {
 	uint64_t resident_bytes;  /* tensor bytes of the tensors kept resident */
 	uint64_t streamed_bytes;  /* tensor bytes of the other tensors of the order */
 	uint32_t n_resident, n_streamed;
-	uint64_t window_bytes;    /* the ring of streamed buffers */
+	uint64_t window_bytes;    /* the ring of streamed buffers (with the
+				   * margin for its wrap, see above) */
 	uint64_t buffer_bytes;    /* window + resident buffers (<= budget) */
 	uint64_t stall_ns;        /* time acquire waited for data */
 	uint64_t call_ns;         /* time spent inside acquire and release, all

@@ -289,6 +289,46 @@ static void test_mlock(void **state)
 	kv_assert_ok(kv_registry_destroy(reg, 0));
 }
 
+/* A required populate that madvise fails (EFAULT: a page the file no
+ * longer backs; EINTR; ENOMEM) fails the open with -EIO, as the header
+ * says, naming madvise's error in the detail; not required, it degrades. */
+static void test_populate_fails(void **state)
+{
+	static const int errs[] = { EFAULT, EINTR, ENOMEM };
+	struct kv_registry *reg = new_registry();
+	struct kv_mmap_config cfg;
+	struct kv_mmap_info info;
+	struct kv_mmap *m = NULL;
+
+	(void)state;
+	kv_mmap_config_default(&cfg);
+	cfg.registry = reg;
+	cfg.populate = true;
+	cfg.required = true;
+	for (size_t i = 0; i < KV_ARRAY_SIZE(errs); i++) {
+		kv_os_inject(KV_OS_MADVISE, 1, errs[i]);
+		kv_assert_rc(kv_mmap_open(g_path, &cfg, &m), -EIO);
+		kv_os_inject(KV_OS_MADVISE, 0, 0);
+		assert_null(m);
+		assert_non_null(strstr(kv_last_error(), "populate"));
+		assert_non_null(strstr(kv_last_error(), g_path));
+		if (!strstr(kv_last_error(), kv_strerror(errs[i])))
+			fail_msg("detail '%s' lacks '%s'", kv_last_error(), kv_strerror(errs[i]));
+		assert_int_equal(mmap_bytes(reg), 0);
+	}
+
+	cfg.required = false;
+	kv_os_inject(KV_OS_MADVISE, 1, EFAULT);
+	kv_assert_ok(kv_mmap_open(g_path, &cfg, &m));
+	kv_os_inject(KV_OS_MADVISE, 0, 0);
+	kv_assert_ok(kv_mmap_info(m, &info));
+	assert_false(info.populated);
+	assert_non_null(strstr(info.degraded, "populate"));
+	assert_memory_equal(kv_mmap_data(m), g_data, FILE_BYTES);
+	kv_mmap_close(m);
+	kv_assert_ok(kv_registry_destroy(reg, 0));
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -297,6 +337,7 @@ int main(void)
 		cmocka_unit_test(test_resident),
 		cmocka_unit_test(test_missing_and_bad),
 		cmocka_unit_test(test_mlock),
+		cmocka_unit_test(test_populate_fails),
 	};
 
 	return cmocka_run_group_tests_name("mmap", tests, group_setup, group_teardown);

@@ -44,16 +44,11 @@ const char *kv_huge_name(enum kv_huge h)
 static void degrade(struct kv_region *r, const char *fmt, ...) KV_PRINTF(2, 3);
 static void degrade(struct kv_region *r, const char *fmt, ...)
 {
-	char msg[160];
-	size_t used = strlen(r->res.degraded);
 	va_list ap;
 
 	va_start(ap, fmt);
-	vsnprintf(msg, sizeof(msg), fmt, ap);
+	kv_vnote_degraded(r->res.degraded, sizeof(r->res.degraded), r->what, fmt, ap);
 	va_end(ap);
-	kv_log(KV_LOG_WARN, "%s: %s", r->what, msg);
-	snprintf(r->res.degraded + used, sizeof(r->res.degraded) - used, "%s%s",
-		 used ? "; " : "", msg);
 }
 
 static size_t huge_bytes(enum kv_huge h)

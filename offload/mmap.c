@@ -46,16 +46,13 @@ void kv_mmap_config_default(struct kv_mmap_config *cfg)
 static void degrade(struct kv_mmap *m, const char *fmt, ...) KV_PRINTF(2, 3);
 static void degrade(struct kv_mmap *m, const char *fmt, ...)
 {
-	char msg[160];
-	size_t used = strlen(m->info.degraded);
+	char who[300];
 	va_list ap;
 
+	snprintf(who, sizeof(who), "mmap '%s'", m->path);
 	va_start(ap, fmt);
-	vsnprintf(msg, sizeof(msg), fmt, ap);
+	kv_vnote_degraded(m->info.degraded, sizeof(m->info.degraded), who, fmt, ap);
 	va_end(ap);
-	kv_log(KV_LOG_WARN, "mmap '%s': %s", m->path, msg);
-	snprintf(m->info.degraded + used, sizeof(m->info.degraded) - used, "%s%s",
-		 used ? "; " : "", msg);
 }
 
 /* Read [p, p + len) in page by page: the fallback for kernels before 5.14

@@ -192,6 +192,18 @@ void kv_log(enum kv_log_level level, const char *fmt, ...)
 	va_end(ap);
 }
 
+void kv_vnote_degraded(char *notes, size_t size, const char *who, const char *fmt,
+		       va_list ap)
+{
+	char msg[192];
+	size_t used = strnlen(notes, size);
+
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	kv_log(KV_LOG_WARN, "%s: %s", who, msg);
+	if (used < size)
+		snprintf(notes + used, size - used, "%s%s", used ? "; " : "", msg);
+}
+
 const char *kv_format_bytes(uint64_t bytes, char *buf, size_t len)
 {
 	static const char *const units[] = { "B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB" };

@@ -32,6 +32,11 @@ int kv_fail(int err, const char *fmt, ...) KV_PRINTF(2, 3);
 void kv_log(enum kv_log_level level, const char *fmt, ...) KV_PRINTF(2, 3);
 void kv_vlog(enum kv_log_level level, const char *fmt, va_list ap) KV_PRINTF(2, 0);
 
+/* A placement step that could not be honoured: log "who: msg" at warn and
+ * append msg to notes (a "; "-separated list, truncated to size). */
+void kv_vnote_degraded(char *notes, size_t size, const char *who, const char *fmt,
+		       va_list ap) KV_PRINTF(4, 0);
+
 /* Whether a message at `level` would go anywhere (cheap check before
  * building an expensive message). */
 int kv_log_enabled(enum kv_log_level level);

@@ -8,6 +8,11 @@
 #ifndef KV_STORE_IMPL_H
 #define KV_STORE_IMPL_H
 
+#include <stdint.h>
+
+struct kv_store;
+struct kv_io;
+
 enum kv_store_seam_op {
 	KV_STORE_SEAM_LOG_WRITE = 1u << 0, /* an append to store.idx */
 	KV_STORE_SEAM_SYNC = 1u << 1,      /* fdatasync of either file */
@@ -22,5 +27,16 @@ enum kv_store_seam_op {
  * leaves an armed LOG_WRITE or SYNC fault in place, and the reverse.
  * Process-wide. For tests. */
 void kv_store_inject(unsigned ops, unsigned nth, int err);
+
+/* The engine the store reads and writes through (its own or the
+ * config's), so that a test can check which backend it runs on. */
+struct kv_io *kv_store_engine(struct kv_store *st);
+
+/* Set the bytes of retired space (SYNC_BATCHED and SYNC_NONE) past which
+ * the store syncs on its own to reuse them (see <kv/offload.h>); 0 puts
+ * back the default. The public default is tens of MiB, too much for a
+ * test to churn through quickly; users have no reason to tune it, since
+ * the sync it triggers is one kv_store_sync() per that many bytes. */
+void kv_store_set_held_limit(struct kv_store *st, uint64_t bytes);
 
 #endif

@@ -12,8 +12,10 @@
  * torn tail, and rebuilds the free ranges from the gaps between live
  * extents. With SYNC_BATCHED and SYNC_NONE the space of a replaced or
  * deleted extent is held back until the next index sync, so the index as
- * of any sync only names extents whose bytes are intact. Entry points are those of <kv/offload.h>; kv_store_validate()
- * checks the free ranges against the live extents and the counters.
+ * of any sync only names extents whose bytes are intact; once HELD_MAX
+ * (or a share of the capacity) is held, the store syncs on its own. Entry
+ * points are those of <kv/offload.h>; kv_store_validate() checks the free
+ * ranges against the live extents and the counters.
  */
 #include <fcntl.h>
 #include <inttypes.h>
@@ -46,6 +48,12 @@
  * over COMPACT_FACTOR times the live extents. */
 #define COMPACT_MIN 1024u
 #define COMPACT_FACTOR 4u
+/* Retired space held for the next index sync (SYNC_BATCHED and
+ * SYNC_NONE) past which the store syncs on its own: HELD_MAX, or a
+ * HELD_SHARE-th of the capacity when that is less, since held space
+ * counts against the capacity (see <kv/offload.h>). */
+#define HELD_MAX (64ull << 20)
+#define HELD_SHARE 16u
 
 /* On-disk header, at offset 0 of both files (native byte order: a store
  * is local to its machine). */
@@ -146,6 +154,8 @@ struct kv_store {
 	 * them is durable (space_retire). Unsorted. */
 	struct range *held;
 	size_t n_held, cap_held;
+	uint64_t held_bytes;       /* their sum */
+	uint64_t held_limit;       /* > 0: held_bytes that trigger a sync */
 	uint64_t end;              /* high-water mark of extent space */
 	uint64_t live_bytes, used_bytes, pending_bytes;
 	uint64_t puts, gets, deletes, put_errors, get_errors, csum_fail;
@@ -413,6 +423,7 @@ static void space_retire(struct kv_store *st, uint64_t off, uint64_t len)
 		st->cap_held = cap;
 	}
 	st->held[st->n_held++] = (struct range){ off, len };
+	st->held_bytes += len;
 }
 
 /* After a successful index sync. Called with log_lock held, so every
@@ -424,7 +435,56 @@ static void space_release_held(struct kv_store *st)
 	for (size_t i = 0; i < st->n_held; i++)
 		space_free(st, st->held[i].off, st->held[i].len);
 	st->n_held = 0;
+	st->held_bytes = 0;
 	pthread_mutex_unlock(&st->lock);
+}
+
+/* fdatasync data, then index, and release the held space: what
+ * kv_store_sync() does. Called with log_lock held. */
+static int index_sync(struct kv_store *st)
+{
+	int rc = do_datasync(st->dfd, "store.data");
+
+	if (!rc)
+		rc = do_datasync(st->ifd, "store.idx");
+	if (!rc) {
+		st->unsynced = 0;
+		space_release_held(st);
+	}
+	return rc;
+}
+
+static bool held_over(struct kv_store *st)
+{
+	bool over;
+
+	pthread_mutex_lock(&st->lock);
+	over = st->held_bytes >= st->held_limit;
+	pthread_mutex_unlock(&st->lock);
+	return over;
+}
+
+/* Without kv_store_sync() calls (SYNC_NONE), held space would pile up
+ * and the data file grow without bound: once held_limit bytes are held,
+ * sync as kv_store_sync() does, which releases them. Called only where
+ * blocking on two fdatasyncs is fine: the finisher after a batch (whose
+ * callbacks already ran) and kv_store_delete() after its append. The put
+ * or delete that got here succeeded, so a failed sync is only logged; the
+ * next call tries again. */
+static void held_sync_maybe(struct kv_store *st)
+{
+	int rc = 0;
+
+	if (!held_over(st))
+		return;
+	pthread_mutex_lock(&st->log_lock);
+	/* Another thread may have synced meanwhile. */
+	if (held_over(st))
+		rc = index_sync(st);
+	pthread_mutex_unlock(&st->log_lock);
+	if (rc)
+		kv_log(KV_LOG_WARN, "store '%s': sync to release retired space failed: %s; "
+		       "retried at the next put or delete", st->dir, kv_last_error());
 }
 
 static void registry_update(struct kv_store *st)
@@ -542,15 +602,9 @@ static int log_policy_sync(struct kv_store *st, uint32_t n)
 	st->unsynced += n;
 	if (st->unsynced < st->sync_every)
 		return 0;
-	rc = do_datasync(st->dfd, "store.data");
-	if (!rc)
-		rc = do_datasync(st->ifd, "store.idx");
-	if (rc) {
+	rc = index_sync(st);
+	if (rc)
 		kv_log(KV_LOG_WARN, "store '%s': batch sync failed: %s", st->dir, kv_last_error());
-	} else {
-		st->unsynced = 0;
-		space_release_held(st);
-	}
 	return 0;
 }
 
@@ -721,6 +775,7 @@ static void *finisher_main(void *arg)
 		}
 		pthread_mutex_unlock(&st->fin_lock);
 		finish_batch(st, list);
+		held_sync_maybe(st);
 	}
 }
 
@@ -1093,6 +1148,8 @@ int kv_store_delete(struct kv_store *st, const struct kv_store_extent *ext)
 		}
 	}
 	pthread_mutex_unlock(&st->lock);
+	if (!rc)
+		held_sync_maybe(st);
 	return rc;
 }
 
@@ -1135,15 +1192,30 @@ int kv_store_sync(struct kv_store *st)
 	if (!st)
 		return kv_fail(EINVAL, "kv_store_sync: NULL store");
 	pthread_mutex_lock(&st->log_lock);
-	rc = do_datasync(st->dfd, "store.data");
-	if (!rc)
-		rc = do_datasync(st->ifd, "store.idx");
-	if (!rc) {
-		st->unsynced = 0;
-		space_release_held(st);
-	}
+	rc = index_sync(st);
 	pthread_mutex_unlock(&st->log_lock);
 	return rc;
+}
+
+struct kv_io *kv_store_engine(struct kv_store *st)
+{
+	return st->io;
+}
+
+static uint64_t held_limit_default(const struct kv_store *st)
+{
+	uint64_t lim = HELD_MAX;
+
+	if (st->capacity && st->capacity / HELD_SHARE < lim)
+		lim = st->capacity / HELD_SHARE;
+	return lim > st->align ? lim : st->align;
+}
+
+void kv_store_set_held_limit(struct kv_store *st, uint64_t bytes)
+{
+	pthread_mutex_lock(&st->lock);
+	st->held_limit = bytes ? bytes : held_limit_default(st);
+	pthread_mutex_unlock(&st->lock);
 }
 
 void kv_store_stats(struct kv_store *st, struct kv_store_stats *out)
@@ -1836,6 +1908,7 @@ int kv_store_open(const struct kv_store_config *cfg, struct kv_store **out)
 		}
 	}
 
+	st->held_limit = held_limit_default(st);
 	rc = kv_registry_record(st->reg, st->used_bytes, KV_TIER_SSD, 0, cfg->kind, 0, st->label,
 				&st->rec);
 	if (rc)

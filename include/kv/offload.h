@@ -217,7 +217,15 @@ KV_API void kv_io_stats(const struct kv_io *io, struct kv_io_stats *out);
  * With BATCHED and NONE the space of a replaced or deleted extent is
  * reused only after the next sync (batch or kv_store_sync()), so that an
  * extent kept by a power loss still holds its bytes; until then it counts
- * in neither used_bytes nor free_bytes.
+ * in neither used_bytes nor free_bytes. So that this held space stays
+ * bounded (with NONE and no kv_store_sync() calls it would grow with every
+ * replacement, and the data file with it), once 64 MiB is held, or a
+ * sixteenth of the capacity when that is less (held space counts against
+ * the capacity), the store syncs on its own as kv_store_sync() does: in
+ * its finisher thread after a batch of puts, or in the kv_store_delete()
+ * that passed the mark. That sync makes the puts and deletes before it
+ * durable too; a failed one is logged and retried at the next put or
+ * delete.
  */
 
 enum kv_store_sync {

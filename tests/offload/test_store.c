@@ -8,9 +8,15 @@
  * the capacity and through the I/O seam, EIO on a read, failed index
  * appends and syncs, a flipped byte (-EBADMSG naming the extent), a
  * truncated or garbage index, a wrong identity key; asynchronous puts and
- * gets; several threads at once. Every store records into a private
+ * gets; several threads at once; held space bounded with SYNC_NONE and no
+ * syncs. Every store records into a private
  * registry that must hold exactly the store's bytes, and nothing after
  * close. Content is derived from the key, so any reader can check it.
+ * Every test runs once per I/O engine backend (io_uring, then the thread
+ * pool; io_uring skipped, saying why, where no ring can be set up): the
+ * store starts its own engine with KV_IO_AUTO, which takes the backend
+ * from KV_IO_BACKEND, set per test (and inherited by the crash test's
+ * forked child); each open checks the engine's backend.
  */
 #include <fcntl.h>
 #include <inttypes.h>
@@ -18,6 +24,7 @@
 #include <signal.h>
 #include <stdatomic.h>
 #include <sys/stat.h>
+#include <stdlib.h>
 #include <sys/wait.h>
 #include <time.h>
 
@@ -29,6 +36,61 @@
 #define MAX_LEN (300 * KiB)
 
 static const char g_identity[] = "model=test-7b;layers=4;kv_heads=8;head_dim=64;dtype=f16";
+
+/* ---- Backends ------------------------------------------------------------- */
+
+struct backend {
+	enum kv_io_backend b;
+	const char *env;           /* KV_IO_BACKEND value */
+	const char *name;
+};
+
+static const struct backend uring = { KV_IO_URING, "uring", "io_uring" };
+static const struct backend threads = { KV_IO_THREADS, "threads", "threads" };
+static const struct backend *g_be = &threads;
+
+static int be_setup(void **state)
+{
+	g_be = *state;
+	return setenv("KV_IO_BACKEND", g_be->env, 1) ? -1 : 0;
+}
+
+static int be_teardown(void **state)
+{
+	(void)state;
+	return unsetenv("KV_IO_BACKEND") ? -1 : 0;
+}
+
+/* Skip the test if its backend is io_uring and this machine cannot set
+ * a ring up (asked once). */
+static void be_require(void)
+{
+	static int uring_ok = -1;
+	static char why[256];
+
+	if (g_be->b != KV_IO_URING)
+		return;
+	if (uring_ok < 0) {
+		struct kv_io_config cfg;
+		struct kv_registry *reg;
+		struct kv_io *io;
+
+		kv_assert_ok(kv_registry_create(NULL, &reg));
+		kv_io_config_default(&cfg);
+		cfg.registry = reg;
+		cfg.backend = KV_IO_URING;
+		uring_ok = kv_io_create(&cfg, &io) == 0;
+		if (uring_ok)
+			kv_assert_ok(kv_io_destroy(io, 0));
+		else
+			snprintf(why, sizeof(why), "%s", kv_last_error());
+		kv_assert_ok(kv_registry_destroy(reg, 0));
+	}
+	if (!uring_ok) {
+		printf("SKIP %s: %s\n", g_be->name, why);
+		skip();
+	}
+}
 
 /* ---- Helpers -------------------------------------------------------------- */
 
@@ -103,6 +165,7 @@ static void st_open_cfg(struct st *t, struct kv_store_config *cfg)
 	cfg->dir = t->dir;
 	kv_assert_ok(kv_store_open(cfg, &t->s));
 	kv_assert_ok(kv_store_validate(t->s));
+	assert_int_equal(kv_io_backend(kv_store_engine(t->s)), g_be->b);
 }
 
 static void st_open(struct st *t, enum kv_store_sync sync)
@@ -145,6 +208,7 @@ static void st_finish(struct st *t)
 
 static void st_init(struct st *t, const char *tag)
 {
+	be_require();
 	memset(t, 0, sizeof(*t));
 	kv_test_mkdtemp(t->dir, sizeof(t->dir), tag);
 }
@@ -337,6 +401,8 @@ static void crash_child(const char *dir, uint64_t first)
 	cfg.sync = KV_STORE_SYNC_EVERY;
 	if (!buf || kv_store_open(&cfg, &s))
 		_exit(2);
+	if (kv_io_backend(kv_store_engine(s)) != g_be->b)
+		_exit(5);
 	for (uint64_t i = first;; i++) {
 		struct kv_store_extent e;
 		uint8_t key[16];
@@ -927,6 +993,7 @@ static void test_buffered_tail(void **state)
 	struct st t;
 
 	(void)state;
+	be_require();
 	if (stat("/dev/shm", &sb) || !S_ISDIR(sb.st_mode)) {
 		print_message("skip: /dev/shm missing: no tmpfs to test buffered I/O on\n");
 		skip();
@@ -1118,6 +1185,104 @@ static void test_power_loss_reuse(void **state)
 		assert_int_equal(e.offset, a.offset);
 		st_finish(&t);
 	}
+}
+
+/* Put n bytes of v under the one-byte key k. */
+static void put_v(struct st *t, char k, uint8_t v, uint8_t *buf, size_t n,
+		  struct kv_store_extent *out)
+{
+	memset(buf, v, n);
+	kv_assert_ok(kv_store_put(t->s, &k, 1, buf, n, out));
+}
+
+static void check_v(struct st *t, const struct kv_store_extent *e, uint8_t v, uint8_t *got)
+{
+	kv_assert_ok(kv_store_get(t->s, e, got));
+	for (size_t i = 0; i < e->len; i++)
+		assert_int_equal(got[i], v);
+}
+
+/* With SYNC_NONE and no kv_store_sync() calls, the space of replaced and
+ * deleted extents is held only up to the limit: the store then syncs on
+ * its own (after a put's batch, or in the delete that passed the limit)
+ * and reuses it, so the data file stays bounded while 50 times the live
+ * bytes are written. Then a power loss right after a sync made by a
+ * delete: the index as of that sync lists only intact extents, although
+ * puts and replacements followed. */
+static void test_held_bounded(void **state)
+{
+	enum { KEYS = 8, EXT = 32 * 1024, ROUNDS = 400 };
+	const uint64_t limit = KEYS * EXT;
+	struct kv_store_extent e[KEYS], x[KEYS], z;
+	struct kv_store_config cfg;
+	uint8_t *buf = malloc(EXT), *got = malloc(EXT), *snap;
+	uint64_t bound, written = 0;
+	char dpath[4300], ipath[4300];
+	size_t snap_len;
+	struct stat sb;
+	struct st t;
+
+	(void)state;
+	assert_non_null(buf);
+	assert_non_null(got);
+	st_init(&t, "store-held");
+	cfg_init(&cfg, t.dir, NULL);
+	cfg.sync = KV_STORE_SYNC_NONE;
+	st_open_cfg(&t, &cfg);
+	kv_store_set_held_limit(t.s, limit);
+	snprintf(dpath, sizeof(dpath), "%s/store.data", t.dir);
+	idx_path(&t, ipath, sizeof(ipath));
+
+	/* Replacements (retired by the finisher) and deletes (retired by
+	 * the caller), each reaching the limit on its own. */
+	for (unsigned r = 0; r < ROUNDS; r++) {
+		unsigned k = r % KEYS;
+
+		if (r >= KEYS && r / KEYS % 4 == 3)
+			kv_assert_ok(kv_store_delete(t.s, &e[k]));
+		put_v(&t, (char)('a' + k), (uint8_t)r, buf, EXT, &e[k]);
+		written += EXT;
+	}
+	kv_assert_ok(kv_store_validate(t.s));
+	for (unsigned k = 0; k < KEYS; k++)
+		check_v(&t, &e[k], (uint8_t)(ROUNDS - KEYS + k), got);
+	/* Live extents, what is held (under the limit, plus the extent that
+	 * passed it while the finisher syncs), and the header block. */
+	bound = KEYS * EXT + limit + 2 * EXT + 64 * KiB;
+	assert_int_equal(stat(dpath, &sb), 0);
+	printf("held: %" PRIu64 " bytes written, data file %jd bytes (bound %" PRIu64 ")\n",
+	       written, (intmax_t)sb.st_size, bound);
+	assert_true((uint64_t)sb.st_size <= bound);
+	assert_true(written > 10 * bound);
+
+	/* A known sync point: from nothing held (kv_store_sync, the only
+	 * call of it), 7 replacements of z stay under the limit, and the
+	 * delete of z reaches it and syncs before it returns. */
+	kv_assert_ok(kv_store_sync(t.s));
+	for (unsigned k = 0; k < KEYS; k++)
+		put_v(&t, (char)('A' + k), (uint8_t)(0x40 + k), buf, EXT, &x[k]);
+	for (unsigned i = 0; i < KEYS; i++)
+		put_v(&t, 'z', 0x7a, buf, EXT, &z);
+	kv_assert_ok(kv_store_delete(t.s, &z));
+	read_file_all(ipath, &snap, &snap_len);
+	/* After it, under the limit again: 7 replacements and new puts,
+	 * which must not take the space of the extents the snapshot lists. */
+	for (unsigned k = 0; k + 1 < KEYS; k++)
+		put_v(&t, (char)('A' + k), 0x99, buf, EXT, NULL);
+	for (unsigned k = 0; k < KEYS; k++)
+		put_v(&t, (char)('0' + k), 0x98, buf, EXT, NULL);
+	kv_assert_ok(kv_store_validate(t.s));
+	st_close(&t);
+	write_file_all(ipath, snap, snap_len);
+	free(snap);
+	st_open_cfg(&t, &cfg);
+	for (unsigned k = 0; k < KEYS; k++)
+		check_v(&t, &x[k], (uint8_t)(0x40 + k), got);
+	for (unsigned k = 0; k < KEYS; k++)
+		check_v(&t, &e[k], (uint8_t)(ROUNDS - KEYS + k), got);
+	free(buf);
+	free(got);
+	st_finish(&t);
 }
 
 /* Reopened with a capacity below the space in use: no free room (not an
@@ -1317,32 +1482,38 @@ static void test_get_dst_untouched(void **state)
 	st_finish(&t);
 }
 
+/* Each test with the backend in its state: io_uring, then threads. */
+#define PER_BACKEND(fn) \
+	cmocka_unit_test_prestate_setup_teardown(fn, be_setup, be_teardown, (void *)&uring), \
+	cmocka_unit_test_prestate_setup_teardown(fn, be_setup, be_teardown, (void *)&threads)
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test(test_restart),
-		cmocka_unit_test(test_replace),
-		cmocka_unit_test(test_crash),
-		cmocka_unit_test(test_enospc_capacity),
-		cmocka_unit_test(test_enospc_seam),
-		cmocka_unit_test(test_eio_read),
-		cmocka_unit_test(test_index_faults),
-		cmocka_unit_test(test_flipped_byte),
-		cmocka_unit_test(test_truncated_index),
-		cmocka_unit_test(test_garbage_index),
-		cmocka_unit_test(test_identity),
-		cmocka_unit_test(test_bad_input),
-		cmocka_unit_test(test_async),
-		cmocka_unit_test(test_threads),
-		cmocka_unit_test(test_buffered_tail),
-		cmocka_unit_test(test_ids_after_compaction),
-		cmocka_unit_test(test_handle_checksum),
-		cmocka_unit_test(test_power_loss_reuse),
-		cmocka_unit_test(test_capacity_shrunk),
-		cmocka_unit_test(test_creation_cut_short),
-		cmocka_unit_test(test_cutback_sync_fails),
-		cmocka_unit_test(test_delete_window),
-		cmocka_unit_test(test_get_dst_untouched),
+		PER_BACKEND(test_restart),
+		PER_BACKEND(test_replace),
+		PER_BACKEND(test_crash),
+		PER_BACKEND(test_enospc_capacity),
+		PER_BACKEND(test_enospc_seam),
+		PER_BACKEND(test_eio_read),
+		PER_BACKEND(test_index_faults),
+		PER_BACKEND(test_flipped_byte),
+		PER_BACKEND(test_truncated_index),
+		PER_BACKEND(test_garbage_index),
+		PER_BACKEND(test_identity),
+		PER_BACKEND(test_bad_input),
+		PER_BACKEND(test_async),
+		PER_BACKEND(test_threads),
+		PER_BACKEND(test_buffered_tail),
+		PER_BACKEND(test_ids_after_compaction),
+		PER_BACKEND(test_handle_checksum),
+		PER_BACKEND(test_power_loss_reuse),
+		PER_BACKEND(test_held_bounded),
+		PER_BACKEND(test_capacity_shrunk),
+		PER_BACKEND(test_creation_cut_short),
+		PER_BACKEND(test_cutback_sync_fails),
+		PER_BACKEND(test_delete_window),
+		PER_BACKEND(test_get_dst_untouched),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

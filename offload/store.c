@@ -346,6 +346,29 @@ static int space_alloc(struct kv_store *st, uint64_t need, uint64_t *off)
 	return 0;
 }
 
+/* Room for one more range in a growing array of n. On out of memory the
+ * range [off, off+len) is left unused until the next open, which is safe:
+ * returns false and says so. */
+static bool ranges_room(const struct kv_store *st, struct range **arr, size_t *cap, size_t n,
+			uint64_t off, uint64_t len)
+{
+	size_t ncap;
+	struct range *nr;
+
+	if (n < *cap)
+		return true;
+	ncap = *cap ? *cap * 2 : 64;
+	nr = realloc(*arr, ncap * sizeof(*nr));
+	if (!nr) {
+		kv_log(KV_LOG_WARN, "store '%s': out of memory: %" PRIu64 " bytes at %" PRIu64
+		       " unused until reopen", st->dir, len, off);
+		return false;
+	}
+	*arr = nr;
+	*cap = ncap;
+	return true;
+}
+
 /* Give space back: merge with its neighbours, and into the tail when it
  * ends there. On out of memory for the range array the hole is leaked
  * until the next open rebuilds it, which is safe. */
@@ -375,18 +398,8 @@ static void space_free(struct kv_store *st, uint64_t off, uint64_t len)
 		st->free[lo].off = off;
 		st->free[lo].len += len;
 	} else {
-		if (st->n_free == st->cap_free) {
-			size_t cap = st->cap_free ? st->cap_free * 2 : 64;
-			struct range *nr = realloc(st->free, cap * sizeof(*nr));
-
-			if (!nr) {
-				kv_log(KV_LOG_WARN, "store '%s': out of memory: %" PRIu64
-				       " bytes at %" PRIu64 " unused until reopen", st->dir, len, off);
-				return;
-			}
-			st->free = nr;
-			st->cap_free = cap;
-		}
+		if (!ranges_room(st, &st->free, &st->cap_free, st->n_free, off, len))
+			return;
 		memmove(&st->free[lo + 1], &st->free[lo], (st->n_free - lo) * sizeof(struct range));
 		st->free[lo] = (struct range){ off, len };
 		st->n_free++;
@@ -410,18 +423,8 @@ static void space_retire(struct kv_store *st, uint64_t off, uint64_t len)
 		space_free(st, off, len);
 		return;
 	}
-	if (st->n_held == st->cap_held) {
-		size_t cap = st->cap_held ? st->cap_held * 2 : 64;
-		struct range *nr = realloc(st->held, cap * sizeof(*nr));
-
-		if (!nr) {
-			kv_log(KV_LOG_WARN, "store '%s': out of memory: %" PRIu64
-			       " bytes at %" PRIu64 " unused until reopen", st->dir, len, off);
-			return;
-		}
-		st->held = nr;
-		st->cap_held = cap;
-	}
+	if (!ranges_room(st, &st->held, &st->cap_held, st->n_held, off, len))
+		return;
 	st->held[st->n_held++] = (struct range){ off, len };
 	st->held_bytes += len;
 }

@@ -42,6 +42,7 @@ const char *kv_strerror(int err)
 	case EFAULT: return "-EFAULT: broken invariant";
 	case EBUSY: return "-EBUSY: still in use";
 	case EEXIST: return "-EEXIST: already exists";
+	case EDEADLK: return "-EDEADLK: would deadlock";
 	case ENODEV: return "-ENODEV: no such device or node";
 	case ENOTDIR: return "-ENOTDIR: not a directory";
 	case EISDIR: return "-EISDIR: is a directory";
@@ -71,8 +72,6 @@ const char *kv_strerror(int err)
 
 /* ---- Detail string ---------------------------------------------------- */
 
-#define KV_DETAIL_MAX 512
-
 static _Thread_local char tls_detail[KV_DETAIL_MAX];
 
 const char *kv_last_error(void)
@@ -83,6 +82,11 @@ const char *kv_last_error(void)
 void kv_clear_error(void)
 {
 	tls_detail[0] = '\0';
+}
+
+void kv_set_error(const char *detail)
+{
+	snprintf(tls_detail, sizeof(tls_detail), "%s", detail ? detail : "");
 }
 
 int kv_fail(int err, const char *fmt, ...)

@@ -28,6 +28,14 @@
  * Also logs the detail at debug level. Use as: return kv_fail(EINVAL, ...). */
 int kv_fail(int err, const char *fmt, ...) KV_PRINTF(2, 3);
 
+/* Size of the detail string behind kv_last_error(), with its NUL. */
+#define KV_DETAIL_MAX 512
+
+/* Put back a detail string saved from kv_last_error(), without logging:
+ * for calls that run user callbacks, which may fail and leave a detail,
+ * and must leave the caller's as it was when they succeed. */
+void kv_set_error(const char *detail);
+
 /* Log one line at `level` (no trailing newline needed). */
 void kv_log(enum kv_log_level level, const char *fmt, ...) KV_PRINTF(2, 3);
 void kv_vlog(enum kv_log_level level, const char *fmt, va_list ap) KV_PRINTF(2, 0);

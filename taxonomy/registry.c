@@ -12,7 +12,8 @@
  * bytes and records per (tier, node, kind); the (tier, kind) totals and
  * their high-water marks, and the per-label totals, are process-wide
  * atomics because a peak is a property of the sum over all shards.
- * kv_registry_validate() recounts everything from the live slots.
+ * kv_registry_validate() recounts everything from the live slots. The
+ * registry's stats sources are a table of their own, kept by stats.c.
  */
 #include <inttypes.h>
 #include <pthread.h>
@@ -26,6 +27,7 @@
 #include <kv/taxonomy.h>
 
 #include "kv-private.h"
+#include "taxonomy-impl.h"
 
 #define SLOT_BITS 24
 #define SLOT_MASK ((UINT32_C(1) << SLOT_BITS) - 1)
@@ -104,6 +106,8 @@ struct kv_registry {
 	uint32_t index_mask;
 
 	struct shard *shards;      /* (n_shards) */
+
+	struct kv_stats_table *stats; /* stats.c */
 };
 
 enum { OP_RECORD, OP_MOVE, OP_RESIZE, OP_FORGET };
@@ -299,6 +303,7 @@ static void registry_free(struct kv_registry *reg)
 		free(reg->labels);
 	}
 	free((void *)reg->index);
+	kv_stats_table_destroy(reg->stats);
 	pthread_mutex_destroy(&reg->labels_lock);
 	free(reg->name);
 	free(reg);
@@ -357,6 +362,10 @@ int kv_registry_create(const struct kv_registry_config *cfg, struct kv_registry 
 			registry_free(reg);
 			return kv_fail(ENOMEM, "registry '%s': no memory", name);
 		}
+	}
+	if (kv_stats_table_create(&reg->stats) < 0) {
+		registry_free(reg);
+		return kv_fail(ENOMEM, "registry '%s': no memory", name);
 	}
 	*out = reg;
 	return 0;
@@ -482,6 +491,11 @@ struct kv_registry *kv_registry_default(void)
 const char *kv_registry_name(const struct kv_registry *reg)
 {
 	return reg ? reg->name : NULL;
+}
+
+struct kv_stats_table *kv_registry_stats_table(const struct kv_registry *reg)
+{
+	return reg->stats;
 }
 
 /* ---- Mutations -------------------------------------------------------- */
@@ -1054,6 +1068,8 @@ int kv_registry_validate(const struct kv_registry *reg)
 			err = kv_fail(EFAULT, "label '%s': not found through the index", l->name);
 	}
 	unlock_all(reg);
+	if (!err)
+		err = kv_stats_table_validate(reg->stats);
 out:
 	free(rc);
 	free(label_bytes);

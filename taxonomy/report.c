@@ -5,9 +5,12 @@
  * exposition 0.0.4 for servers; entry point kv_report_write(). Every report
  * is formatted from one snapshot taken first through the registry's public
  * query calls, and all totals are summed from that snapshot, so a report
- * always agrees with itself even while other threads keep recording.
+ * always agrees with itself even while other threads keep recording. The
+ * snapshot also holds a copy of what every stats source said (or how it
+ * failed), read through kv_registry_stats_foreach().
  */
 #include <inttypes.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,6 +32,23 @@
 /* A byte count in kv_format_bytes() form, or a decimal integer. */
 #define REPORT_NUM_MAX 32
 
+/* A stats source as the snapshot holds it. Its strings are copied: the
+ * source's own may go once it is removed. */
+struct report_stat {
+	char name[KV_STAT_NAME_MAX + 1];
+	double value;
+	enum kv_stat_type type;
+	char *help; /* NULL: none */
+};
+
+struct report_source {
+	char name[KV_STAT_NAME_MAX + 1];
+	int err;      /* 0, or the error the source failed with */
+	char *detail; /* with err: its kv_last_error() detail, maybe "" */
+	size_t n;
+	struct report_stat *stats; /* (n) */
+};
+
 struct report_snap {
 	const char *name;
 	struct kv_registry_ops ops;
@@ -44,7 +64,55 @@ struct report_snap {
 	uint64_t peak[KV_TIER_COUNT][KV_KIND_COUNT];
 	struct kv_holder top[REPORT_TOP_MACHINE];
 	size_t n_top;
+	/* Ordered by name, as kv_registry_stats_foreach() visits them. */
+	struct report_source src[KV_STATS_SOURCES_MAX];
+	size_t n_src;
 };
+
+static int snap_source(void *p, const char *source, const struct kv_stat *st,
+		       size_t n, int err)
+{
+	struct report_snap *s = p;
+	struct report_source *r = &s->src[s->n_src];
+
+	if (s->n_src == KV_ARRAY_SIZE(s->src))
+		return kv_fail(EFAULT, "report: more stats sources visited than a registry holds");
+	s->n_src++;
+	snprintf(r->name, sizeof(r->name), "%s", source);
+	r->err = err;
+	if (err < 0) {
+		r->detail = strdup(kv_last_error());
+		return r->detail ? 0 : kv_fail(ENOMEM, "report: no memory for stats source '%s'",
+					       source);
+	}
+	if (n == 0)
+		return 0;
+	r->stats = calloc(n, sizeof(*r->stats));
+	if (!r->stats)
+		return kv_fail(ENOMEM, "report: no memory for %zu stats of source '%s'", n, source);
+	r->n = n;
+	for (size_t i = 0; i < n; i++) {
+		struct report_stat *d = &r->stats[i];
+
+		snprintf(d->name, sizeof(d->name), "%s", st[i].name);
+		d->value = st[i].value;
+		d->type = st[i].type;
+		if (st[i].help && !(d->help = strdup(st[i].help)))
+			return kv_fail(ENOMEM, "report: no memory for stats of source '%s'", source);
+	}
+	return 0;
+}
+
+static void report_snap_free(struct report_snap *s)
+{
+	for (size_t i = 0; i < s->n_src; i++) {
+		for (size_t j = 0; j < s->src[i].n; j++)
+			free(s->src[i].stats[j].help);
+		free(s->src[i].stats);
+		free(s->src[i].detail);
+	}
+	free(s);
+}
 
 /* Query every cell once, then derive the sums. Peaks are read after the
  * cells and raised to at least the bytes shown: cells read at slightly
@@ -92,7 +160,21 @@ static int report_snapshot(const struct kv_registry *reg, struct report_snap *s)
 	for (size_t i = 0; i < s->n_top; i++)
 		if (s->top[i].peak < s->top[i].bytes)
 			s->top[i].peak = s->top[i].bytes;
-	return 0;
+	/* A source that fails is recorded as failed by snap_source(); only
+	 * running out of memory (or a nested call) fails the report. */
+	return kv_registry_stats_foreach(reg, snap_source, s);
+}
+
+/* A stat's value exactly, for machines: the shortest of 15 to 17
+ * significant digits that reads back as v ("0.1", not
+ * "0.10000000000000001"). v must be finite. */
+static const char *stat_exact(double v, char *buf, size_t len)
+{
+	for (int prec = 15;; prec++) {
+		snprintf(buf, len, "%.*g", prec, v);
+		if (prec == 17 || strtod(buf, NULL) == v)
+			return buf;
+	}
 }
 
 /* ---- Text ------------------------------------------------------------- */
@@ -295,6 +377,76 @@ static void text_live_rows(struct text_table *t)
 	t->rows = r + 1;
 }
 
+/* A stat's value for people: integers without decimals while a double
+ * holds them exactly (below 2^53), anything else in 6 significant digits. */
+static const char *stat_text(double v, char *buf, size_t len)
+{
+	if (v == 0)
+		v = 0; /* no "-0" */
+	if (isfinite(v) && v == floor(v) && fabs(v) < 9007199254740992.0)
+		snprintf(buf, len, "%.0f", v);
+	else
+		snprintf(buf, len, "%.6g", v);
+	return buf;
+}
+
+/* One line per stat, "<source>.<name>  <value>  <help>", names
+ * left-aligned and values right-aligned so that digits line up; a source
+ * that failed or has no stats gets one line saying so. Names need no
+ * escaping: the registry only accepts [a-z0-9_.-]. */
+static void report_text_stats(FILE *f, const struct report_snap *s)
+{
+	char buf[REPORT_NUM_MAX];
+	size_t wkey = 0, wval = 0;
+
+	fputs("\nstats:\n", f);
+	if (s->n_src == 0) {
+		fputs("(none)\n", f);
+		return;
+	}
+	for (size_t i = 0; i < s->n_src; i++) {
+		const struct report_source *r = &s->src[i];
+		size_t w = strlen(r->name);
+
+		if ((r->err || r->n == 0) && w > wkey)
+			wkey = w;
+		for (size_t j = 0; j < r->n; j++) {
+			size_t wk = w + 1 + strlen(r->stats[j].name);
+			size_t wv = strlen(stat_text(r->stats[j].value, buf, sizeof(buf)));
+
+			wkey = wk > wkey ? wk : wkey;
+			wval = wv > wval ? wv : wval;
+		}
+	}
+	for (size_t i = 0; i < s->n_src; i++) {
+		const struct report_source *r = &s->src[i];
+
+		if (r->err) {
+			fprintf(f, "  %-*s  failed: %s", (int)wkey, r->name, kv_strerror(r->err));
+			if (r->detail[0]) {
+				fputs(": ", f);
+				text_escaped(f, r->detail);
+			}
+			fputc('\n', f);
+			continue;
+		}
+		if (r->n == 0)
+			fprintf(f, "  %-*s  (no stats)\n", (int)wkey, r->name);
+		for (size_t j = 0; j < r->n; j++) {
+			const struct report_stat *st = &r->stats[j];
+			int pad = (int)(wkey - strlen(r->name) - 1 - strlen(st->name));
+
+			fprintf(f, "  %s.%s%*s  %*s", r->name, st->name, pad, "", (int)wval,
+				stat_text(st->value, buf, sizeof(buf)));
+			if (st->help && st->help[0]) {
+				fputs("  ", f);
+				text_escaped(f, st->help);
+			}
+			fputc('\n', f);
+		}
+	}
+}
+
 static void report_text(FILE *f, const struct report_snap *s)
 {
 	struct text_table t = { .s = s };
@@ -341,9 +493,69 @@ static void report_text(FILE *f, const struct report_snap *s)
 		t.cell = text_cell_top;
 		text_table_print(f, &t);
 	}
+
+	report_text_stats(f, s);
 }
 
 /* ---- JSON ------------------------------------------------------------- */
+
+/* "stats" (info false) or "stat_info" (info true): the sources that
+ * answered, by name, each an object of its stats by name holding the
+ * value, or its type and help. Names are written unescaped: the registry
+ * only accepts [a-z0-9_.-]. */
+static void json_stats_object(FILE *f, const struct report_snap *s, bool info)
+{
+	char buf[REPORT_NUM_MAX];
+	const char *sep = "";
+
+	fputs(info ? "  \"stat_info\": {" : "  \"stats\": {", f);
+	for (size_t i = 0; i < s->n_src; i++) {
+		const struct report_source *r = &s->src[i];
+
+		if (r->err)
+			continue;
+		fprintf(f, "%s\n    \"%s\": {", sep, r->name);
+		sep = ",";
+		for (size_t j = 0; j < r->n; j++) {
+			const struct report_stat *st = &r->stats[j];
+
+			fprintf(f, "%s\"%s\": ", j ? ", " : "", st->name);
+			if (info) {
+				fprintf(f, "{\"type\": \"%s\", \"help\": ",
+					st->type == KV_STAT_COUNTER ? "counter" : "gauge");
+				kv_json_string(f, st->help);
+				fputc('}', f);
+			} else if (isfinite(st->value)) {
+				fputs(stat_exact(st->value, buf, sizeof(buf)), f);
+			} else {
+				fputs("null", f);
+			}
+		}
+		fputc('}', f);
+	}
+	fputs(*sep ? "\n  },\n" : "},\n", f);
+}
+
+/* "stat_errors": the sources that failed, by name. Last in the report. */
+static void json_stat_errors(FILE *f, const struct report_snap *s)
+{
+	const char *sep = "";
+
+	fputs("  \"stat_errors\": {", f);
+	for (size_t i = 0; i < s->n_src; i++) {
+		const struct report_source *r = &s->src[i];
+
+		if (!r->err)
+			continue;
+		fprintf(f, "%s\n    \"%s\": {\"code\": %d, \"error\": ", sep, r->name, r->err);
+		kv_json_string(f, kv_strerror(r->err));
+		fputs(", \"detail\": ", f);
+		kv_json_string(f, r->detail);
+		fputc('}', f);
+		sep = ",";
+	}
+	fputs(*sep ? "\n  }\n" : "}\n", f);
+}
 
 static void report_json(FILE *f, const struct report_snap *s)
 {
@@ -411,7 +623,12 @@ static void report_json(FILE *f, const struct report_snap *s)
 			", \"peak\": %" PRIu64 "}",
 			s->top[i].bytes, s->top[i].records, s->top[i].peak);
 	}
-	fputs(s->n_top ? "\n  ]\n}\n" : "]\n}\n", f);
+	fputs(s->n_top ? "\n  ],\n" : "],\n", f);
+
+	json_stats_object(f, s, false);
+	json_stats_object(f, s, true);
+	json_stat_errors(f, s);
+	fputs("}\n", f);
 }
 
 /* ---- Prometheus ------------------------------------------------------- */
@@ -474,6 +691,32 @@ static void prom_cells(FILE *f, const struct report_snap *s, const char *name,
 	}
 }
 
+/* The stats of one type from every source that answered. Values are
+ * exact; the format spells the non-finite ones NaN, +Inf and -Inf. */
+static void prom_stats(FILE *f, const struct report_snap *s, const char *name,
+		       enum kv_stat_type type)
+{
+	char buf[REPORT_NUM_MAX];
+
+	for (size_t i = 0; i < s->n_src; i++) {
+		const struct report_source *r = &s->src[i];
+
+		for (size_t j = 0; j < r->n; j++) {
+			double v = r->stats[j].value;
+
+			if (r->stats[j].type != type)
+				continue;
+			prom_sample(f, name, s);
+			fputs(",source=", f);
+			prom_value(f, r->name);
+			fputs(",name=", f);
+			prom_value(f, r->stats[j].name);
+			fprintf(f, "} %s\n", isnan(v) ? "NaN" : isinf(v) ? (v > 0 ? "+Inf" : "-Inf")
+					  : stat_exact(v, buf, sizeof(buf)));
+		}
+	}
+}
+
 static void report_prometheus(FILE *f, const struct report_snap *s)
 {
 	static const char *const op_names[] = { "record", "move", "resize", "forget" };
@@ -513,6 +756,21 @@ static void report_prometheus(FILE *f, const struct report_snap *s)
 		prom_sample(f, "libkv_ops_total", s);
 		fprintf(f, ",op=\"%s\"} %" PRIu64 "\n", op_names[i], ops[i]);
 	}
+
+	prom_family(f, "libkv_stat", "gauge",
+		    "Gauges of the registry's stats sources, by source and stat name.");
+	prom_stats(f, s, "libkv_stat", KV_STAT_GAUGE);
+	prom_family(f, "libkv_stat_total", "counter",
+		    "Counters of the registry's stats sources, by source and stat name.");
+	prom_stats(f, s, "libkv_stat_total", KV_STAT_COUNTER);
+	prom_family(f, "libkv_stat_source_up", "gauge",
+		    "1 if the stats source answered for this report, 0 if it failed.");
+	for (size_t i = 0; i < s->n_src; i++) {
+		prom_sample(f, "libkv_stat_source_up", s);
+		fputs(",source=", f);
+		prom_value(f, s->src[i].name);
+		fprintf(f, "} %d\n", s->src[i].err ? 0 : 1);
+	}
 }
 
 /* ---- Entry point ------------------------------------------------------ */
@@ -533,7 +791,7 @@ int kv_report_write(const struct kv_registry *reg, FILE *f, unsigned format)
 	if (ferror(f))
 		return kv_fail(EIO, "report: the stream's error indicator is already set");
 
-	/* About 35 KiB: too much for the stack of a small thread. */
+	/* About 40 KiB: too much for the stack of a small thread. */
 	s = calloc(1, sizeof(*s));
 	if (!s)
 		return kv_fail(ENOMEM, "report: no memory for a %zu-byte snapshot",
@@ -555,6 +813,6 @@ int kv_report_write(const struct kv_registry *reg, FILE *f, unsigned format)
 			     format == KV_REPORT_JSON ? "JSON" : "Prometheus",
 			     errno ? kv_strerror(errno) : "stream error");
 out:
-	free(s);
+	report_snap_free(s);
 	return rc;
 }

@@ -245,9 +245,111 @@ KV_API void kv_registry_ops(const struct kv_registry *reg,
 
 /* Check every invariant: each live record is counted in exactly its cell
  * and label, counters equal the sums of live records, free lists are
- * acyclic and hold only free slots. Call it when no other thread mutates.
+ * acyclic and hold only free slots, stats source names are valid and
+ * unique. Call it when no other thread mutates.
  * Returns 0 or -EFAULT naming the first broken invariant. */
 KV_API int kv_registry_validate(const struct kv_registry *reg);
+
+/* ---- Stats sources ---------------------------------------------------- */
+
+/* A subsystem's own figures (a cache's blocks in use, hit rates, tokens
+ * saved by prefix hits) belong in the same reports as the bytes it holds.
+ * It adds a stats source: a function and its context, which every report
+ * of the registry calls once, during the report's snapshot, to read the
+ * figures as they are then. docs/report.md shows how each format prints
+ * them. */
+
+/* At most this many sources per registry, and stats per source (the `max`
+ * every call of a kv_stats_fn gets). */
+#define KV_STATS_SOURCES_MAX 64
+#define KV_STATS_MAX 128
+/* Longest source or stat name, and longest help text, in bytes without
+ * the NUL. */
+#define KV_STAT_NAME_MAX 63
+#define KV_STAT_HELP_MAX 255
+
+enum kv_stat_type {
+	KV_STAT_GAUGE = 0,   /* a level that may go up and down */
+	KV_STAT_COUNTER = 1, /* a running total that only grows */
+};
+
+/* One figure of a source. A unit belongs at the end of the name, as in
+ * Prometheus: "spilled_bytes", "hit_ratio", "tokens_skipped". */
+struct kv_stat {
+	/* [a-z0-9_]+, 1..KV_STAT_NAME_MAX bytes, unique within its source. */
+	const char *name;
+	double value;           /* any double; NaN and infinities are shown */
+	enum kv_stat_type type;
+	/* One line (no line feed) of at most KV_STAT_HELP_MAX bytes, or NULL. */
+	const char *help;
+};
+
+/* A source's function: fill out[0..n) with its stats (n <= max, in the
+ * order reports should list them; out comes zeroed, so fields left alone
+ * read as 0 and NULL) and return n, or return -errno; a
+ * failure is shown in the report as this source's error, with the
+ * calling thread's kv_last_error() detail if fn left one (e.g. from a
+ * libkv call that failed), and the rest of the report is written as
+ * usual. So is a result that breaks the rules of struct kv_stat, with
+ * -EINVAL.
+ * Strings: name and help are read after fn returns, until the report is
+ * done with the source; point them at literals, or at memory ctx keeps
+ * until kv_registry_remove_stats() returns.
+ * Thread safety: fn runs in the thread writing a report, possibly in
+ * several at once, with no registry lock held: it may call any registry
+ * query or mutation, but not kv_registry_add_stats(),
+ * kv_registry_remove_stats(), kv_registry_stats_foreach() or
+ * kv_report_write() on the same registry (those fail with -EDEADLK). */
+typedef int (*kv_stats_fn)(void *ctx, struct kv_stat *out, size_t max);
+
+/* Add a stats source named `source` ([a-z0-9_.-]+, 1..KV_STAT_NAME_MAX
+ * bytes, e.g. "cache" or "cache.gpu0"); from now on every report calls
+ * fn(ctx, ...). *id gets the handle kv_registry_remove_stats() takes;
+ * handles are never 0 and never reused within a registry.
+ * Errors: -EINVAL (NULL reg, fn or id; bad name), -EEXIST (the registry
+ * has a source of that name: names are unique, so a report never shows
+ * two series of the same name; remove the old one first), -ENOSPC
+ * (KV_STATS_SOURCES_MAX sources), -EDEADLK (called from a stats fn or
+ * visitor of reg). On error nothing is added and *id is untouched.
+ * Ownership: the name is copied; fn and ctx are only kept, ctx stays the
+ * caller's and must stay valid until kv_registry_remove_stats() returns.
+ * Sources still added at kv_registry_destroy() are dropped without
+ * calling fn.
+ * Thread safety: any thread, concurrently with reports and other
+ * add/remove calls. */
+KV_API int kv_registry_add_stats(struct kv_registry *reg, const char *source,
+				 kv_stats_fn fn, void *ctx, uint64_t *id);
+
+/* Remove the stats source with handle id. Reports starting later do not
+ * call it; calls of its fn (and kv_registry_stats_foreach() visits of it)
+ * already in progress in other threads are waited for, so when this
+ * returns fn is not running and never will again: ctx may be freed.
+ * Errors: -EINVAL (NULL reg), -ENOENT (unknown id, or removed already,
+ * also by another thread now), -EDEADLK (called from a stats fn or
+ * visitor of reg: it would wait for itself).
+ * Thread safety: any thread; blocks as long as the longest such call in
+ * progress. */
+KV_API int kv_registry_remove_stats(struct kv_registry *reg, uint64_t id);
+
+/* What kv_registry_stats_foreach() hands over for one source: its stats
+ * (n of them, valid during the call) and err 0; or err < 0, stats NULL
+ * and n 0 when its fn failed or broke the rules of struct kv_stat, and
+ * then kv_last_error() says why, during the call ("" if fn said nothing).
+ * A non-zero return stops the walk. */
+typedef int (*kv_stats_visit_fn)(void *cbctx, const char *source,
+				 const struct kv_stat *stats, size_t n, int err);
+
+/* Read every stats source without writing a report: call each one's fn,
+ * in the order of their names, and visit(cbctx, ...) with the result,
+ * once per source. A source added or removed meanwhile may or may not be
+ * visited. Returns 0, or what visit returned when it stopped the walk.
+ * Errors: -EINVAL (NULL reg or visit), -ENOMEM, -EDEADLK (called from a
+ * stats fn or visitor of reg). Unless visit stops the walk, the calling
+ * thread's kv_last_error() is left as it was before the call.
+ * Thread safety: any thread. No registry lock is held while fn or visit
+ * runs; visit follows the rules of kv_stats_fn. */
+KV_API int kv_registry_stats_foreach(const struct kv_registry *reg,
+				     kv_stats_visit_fn visit, void *cbctx);
 
 /* ---- Reports ---------------------------------------------------------- */
 
@@ -257,9 +359,13 @@ enum kv_report_format {
 	KV_REPORT_PROMETHEUS = 4, /* text exposition format 0.0.4 */
 };
 
-/* Write a report of reg to f in exactly one format.
+/* Write a report of reg to f in exactly one format: its bytes, records,
+ * peaks and holders, and what each stats source says (its fn is called
+ * once, from this thread; a source that fails is shown as failed and does
+ * not fail the report).
  * Errors: -EINVAL (no or several formats, NULL), -EIO (write failed),
- * -ENOMEM (no memory for the snapshot); on -EINVAL nothing is written.
+ * -ENOMEM (no memory for the snapshot), -EDEADLK (called from a stats fn
+ * or visitor of reg); on -EINVAL and -EDEADLK nothing is written.
  * Thread safety: any thread; a concurrent update may or may not show. */
 KV_API int kv_report_write(const struct kv_registry *reg, FILE *f,
 			   unsigned format);

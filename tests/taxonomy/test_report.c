@@ -994,6 +994,9 @@ static void test_empty(void **state)
 	assert_int_equal(json_object_array_length(jget(root, "labels", json_type_array)), 0);
 	tiers = jget(root, "tiers", json_type_array);
 	assert_int_equal(json_object_array_length(tiers), KV_TIER_COUNT);
+	assert_int_equal(json_object_object_length(jget(root, "stats", json_type_object)), 0);
+	assert_int_equal(json_object_object_length(jget(root, "stat_info", json_type_object)), 0);
+	assert_int_equal(json_object_object_length(jget(root, "stat_errors", json_type_object)), 0);
 	json_object_put(root);
 	free(text);
 
@@ -1008,6 +1011,7 @@ static void test_empty(void **state)
 	text = report(reg, KV_REPORT_TEXT);
 	assert_non_null(strstr(text, "\ndram "));
 	assert_non_null(strstr(text, "\ntotal "));
+	assert_non_null(strstr(text, "\nstats:\n(none)\n"));
 	free(text);
 
 	kv_assert_ok(kv_registry_destroy(reg, 0));
@@ -1076,6 +1080,362 @@ static void test_write_errors(void **state)
 	}
 }
 
+/* ---- Stats sources ---------------------------------------------------- */
+
+/* One stat of each shape a report must print: small and huge integers,
+ * fractions, zero, a negative, the non-finite values, both types, help
+ * that needs escaping. */
+static const struct kv_stat cache_stats[] = {
+	{ "blocks_total", 1024, KV_STAT_GAUGE, "Blocks in the pool." },
+	{ "blocks_free", 0, KV_STAT_GAUGE, NULL },
+	{ "hit_ratio_dram", 0.875, KV_STAT_GAUGE, "Lookups served from DRAM." },
+	{ "hit_ratio_ssd", 0.1, KV_STAT_GAUGE, "" },
+	{ "tokens_skipped", 123456789, KV_STAT_COUNTER, "Prompt tokens not recomputed." },
+	{ "spilled_bytes", 1152921504606846976.0 /* 2^60 */, KV_STAT_COUNTER, NULL },
+	{ "waste_ratio", NAN, KV_STAT_GAUGE, NULL },
+	{ "age_max", INFINITY, KV_STAT_GAUGE, NULL },
+	{ "drift_min", -INFINITY, KV_STAT_GAUGE, NULL },
+	{ "temp", -2.5, KV_STAT_GAUGE, "say \"hi\" \\ bye\tnow" },
+};
+#define N_CACHE_STATS (sizeof(cache_stats) / sizeof(cache_stats[0]))
+/* How the text report prints each of them. */
+static const char *const cache_text[N_CACHE_STATS] = {
+	"1024", "0", "0.875", "0.1", "123456789", "1.15292e+18", "nan", "inf", "-inf", "-2.5",
+};
+
+static const struct kv_stat first_stats[] = {
+	{ "ops", 7, KV_STAT_COUNTER, NULL },
+};
+
+struct fixed_source {
+	const struct kv_stat *stats;
+	size_t n;
+	int calls;
+};
+
+static int fixed_fn(void *ctx, struct kv_stat *out, size_t max)
+{
+	struct fixed_source *fs = ctx;
+
+	fs->calls++;
+	if (max < fs->n)
+		return -E2BIG;
+	memcpy(out, fs->stats, fs->n * sizeof(*out));
+	return (int)fs->n;
+}
+
+/* Fails the way libkv code does: through a call that leaves a detail. */
+static int failing_fn(void *ctx, struct kv_stat *out, size_t max)
+{
+	struct kv_holder h;
+
+	(void)out;
+	(void)max;
+	return kv_registry_label(ctx, "no-such-label", &h);
+}
+
+static int bad_name_fn(void *ctx, struct kv_stat *out, size_t max)
+{
+	(void)ctx;
+	(void)max;
+	out[0] = (struct kv_stat){ "Bad-Name", 1, KV_STAT_GAUGE, NULL };
+	return 1;
+}
+
+static const struct kv_stat *stat_named(const char *source, const char *name)
+{
+	const struct kv_stat *set = strcmp(source, "cache") == 0 ? cache_stats
+				    : strcmp(source, "a-first") == 0 ? first_stats : NULL;
+	size_t n = set == cache_stats ? N_CACHE_STATS : set ? 1 : 0;
+
+	for (size_t i = 0; i < n; i++)
+		if (strcmp(set[i].name, name) == 0)
+			return &set[i];
+	fail_msg("stat %s.%s was never reported by a source", source, name);
+	return NULL;
+}
+
+static void assert_same_value(double got, double want)
+{
+	if (isnan(want))
+		assert_true(isnan(got));
+	else if (got != want)
+		fail_msg("stat value %.17g, want %.17g", got, want);
+}
+
+static struct kv_registry *stats_registry(struct fixed_source *cache, struct fixed_source *empty,
+					  struct fixed_source *first, uint64_t id[5])
+{
+	struct kv_registry_config cfg;
+	struct kv_registry *reg;
+
+	kv_registry_config_default(&cfg);
+	cfg.numa_nodes = 0x1;
+	cfg.name = "stats";
+	kv_assert_ok(kv_registry_create(&cfg, &reg));
+	*cache = (struct fixed_source){ cache_stats, N_CACHE_STATS, 0 };
+	*empty = (struct fixed_source){ NULL, 0, 0 };
+	*first = (struct fixed_source){ first_stats, 1, 0 };
+	/* Added out of name order: reports sort them. */
+	kv_assert_ok(kv_registry_add_stats(reg, "zz.bad-name", bad_name_fn, NULL, &id[0]));
+	kv_assert_ok(kv_registry_add_stats(reg, "cache", fixed_fn, cache, &id[1]));
+	kv_assert_ok(kv_registry_add_stats(reg, "empty", fixed_fn, empty, &id[2]));
+	kv_assert_ok(kv_registry_add_stats(reg, "broken", failing_fn, reg, &id[3]));
+	kv_assert_ok(kv_registry_add_stats(reg, "a-first", fixed_fn, first, &id[4]));
+	return reg;
+}
+
+static void test_stats_json(void **state)
+{
+	struct fixed_source cache, empty, first;
+	uint64_t id[5];
+	struct kv_registry *reg = stats_registry(&cache, &empty, &first, id);
+	struct kv_holder h;
+	char before[256], *text;
+	json_object *root, *stats, *info, *errs, *src, *v, *e;
+
+	/* A detail the caller had keeps through a report whose sources fail. */
+	kv_assert_rc(kv_registry_label(reg, "callers-own", &h), -ENOENT);
+	snprintf(before, sizeof(before), "%s", kv_last_error());
+	text = report(reg, KV_REPORT_JSON);
+	assert_string_equal(kv_last_error(), before);
+	assert_int_equal(cache.calls, 1);
+	root = parse_json(text);
+
+	stats = jget(root, "stats", json_type_object);
+	info = jget(root, "stat_info", json_type_object);
+	errs = jget(root, "stat_errors", json_type_object);
+	assert_int_equal(json_object_object_length(stats), 3);
+	assert_int_equal(json_object_object_length(info), 3);
+	assert_int_equal(json_object_object_length(errs), 2);
+
+	src = jget(stats, "cache", json_type_object);
+	assert_int_equal(json_object_object_length(src), N_CACHE_STATS);
+	for (size_t i = 0; i < N_CACHE_STATS; i++) {
+		const struct kv_stat *want = &cache_stats[i];
+		json_object *meta = jget(jget(info, "cache", json_type_object), want->name,
+					 json_type_object);
+
+		assert_true(json_object_object_get_ex(src, want->name, &v));
+		if (!isfinite(want->value))
+			assert_true(json_object_is_type(v, json_type_null));
+		else
+			assert_same_value(json_object_get_double(v), want->value);
+		assert_string_equal(json_object_get_string(jget(meta, "type", json_type_string)),
+				    want->type == KV_STAT_COUNTER ? "counter" : "gauge");
+		assert_string_equal(json_object_get_string(jget(meta, "help", json_type_string)),
+				    want->help ? want->help : "");
+	}
+	/* Integers stay integers (a tool reading int64 gets them exactly). */
+	assert_true(json_object_is_type(jget(src, "blocks_total", json_type_int), json_type_int));
+	assert_int_equal(jint(src, "tokens_skipped"), 123456789);
+	/* Fractions are written so that they read back exactly. */
+	assert_non_null(strstr(text, "\"hit_ratio_ssd\": 0.1,"));
+	assert_int_equal(jint(jget(stats, "a-first", json_type_object), "ops"), 7);
+	assert_int_equal(json_object_object_length(jget(stats, "empty", json_type_object)), 0);
+	assert_int_equal(json_object_object_length(jget(info, "empty", json_type_object)), 0);
+
+	e = jget(errs, "broken", json_type_object);
+	assert_int_equal(json_object_get_int(jget(e, "code", json_type_int)), -ENOENT);
+	assert_string_equal(json_object_get_string(jget(e, "error", json_type_string)),
+			    kv_strerror(-ENOENT));
+	assert_non_null(strstr(json_object_get_string(jget(e, "detail", json_type_string)),
+			       "no-such-label"));
+	e = jget(errs, "zz.bad-name", json_type_object);
+	assert_int_equal(json_object_get_int(jget(e, "code", json_type_int)), -EINVAL);
+	assert_non_null(strstr(json_object_get_string(jget(e, "detail", json_type_string)),
+			       "Bad-Name"));
+	assert_false(json_object_object_get_ex(stats, "broken", NULL));
+
+	/* Sources in name order, whatever order they were added in. */
+	assert_true(strstr(text, "\"a-first\"") < strstr(text, "\"cache\""));
+	assert_true(strstr(text, "\"cache\"") < strstr(text, "\"empty\""));
+	json_object_put(root);
+	free(text);
+
+	for (size_t i = 0; i < 5; i++)
+		kv_assert_ok(kv_registry_remove_stats(reg, id[i]));
+	kv_assert_ok(kv_registry_destroy(reg, 0));
+}
+
+static void test_stats_prometheus(void **state)
+{
+	struct fixed_source cache, empty, first;
+	uint64_t id[5];
+	struct kv_registry *reg = stats_registry(&cache, &empty, &first, id);
+	static const char *const families[] = { "libkv_stat", "libkv_stat_total",
+						"libkv_stat_source_up" };
+	char *text = report(reg, KV_REPORT_PROMETHEUS);
+	struct prom_doc *d = prom_check(text);
+	size_t n_stats = 0, n_up = 0;
+
+	for (size_t i = 0; i < sizeof(families) / sizeof(families[0]); i++) {
+		struct prom_family *fam = prom_fam(d, families[i], false);
+
+		if (!fam || !fam->help || !fam->type)
+			fail_msg("family %s missing or without HELP/TYPE", families[i]);
+	}
+	assert_non_null(strstr(text, "# TYPE libkv_stat gauge\n"));
+	assert_non_null(strstr(text, "# TYPE libkv_stat_total counter\n"));
+	for (size_t i = 0; i < d->n_samples; i++) {
+		const struct prom_sample *s = &d->samples[i];
+		bool counter = strcmp(s->name, "libkv_stat_total") == 0;
+
+		assert_string_equal(prom_label(s, "registry"), "stats");
+		if (counter || strcmp(s->name, "libkv_stat") == 0) {
+			const struct kv_stat *want = stat_named(prom_label(s, "source"),
+								prom_label(s, "name"));
+
+			assert_int_equal(want->type == KV_STAT_COUNTER, counter);
+			assert_same_value(s->value, want->value);
+			n_stats++;
+		} else if (strcmp(s->name, "libkv_stat_source_up") == 0) {
+			const char *src = prom_label(s, "source");
+			bool ok = strcmp(src, "broken") != 0 && strcmp(src, "zz.bad-name") != 0;
+
+			assert_true(s->value == (ok ? 1 : 0));
+			n_up++;
+		}
+	}
+	assert_int_equal(n_stats, N_CACHE_STATS + 1);
+	assert_int_equal(n_up, 5);
+	/* The format's own spellings of the non-finite values. */
+	assert_non_null(strstr(text, "name=\"waste_ratio\"} NaN\n"));
+	assert_non_null(strstr(text, "name=\"age_max\"} +Inf\n"));
+	assert_non_null(strstr(text, "name=\"drift_min\"} -Inf\n"));
+	assert_non_null(strstr(text, "name=\"hit_ratio_ssd\"} 0.1\n"));
+	free(d->samples);
+	free(text);
+
+	for (size_t i = 0; i < 5; i++)
+		kv_assert_ok(kv_registry_remove_stats(reg, id[i]));
+	kv_assert_ok(kv_registry_destroy(reg, 0));
+}
+
+/* The line of text's stats section starting with "  <key> ", or fail. */
+static const char *stats_line(const char *text, const char *key, size_t *len)
+{
+	char want[2 * KV_STAT_NAME_MAX + 8];
+	const char *sec = strstr(text, "\nstats:\n"), *p, *nl;
+
+	assert_non_null(sec);
+	snprintf(want, sizeof(want), "\n  %.*s ", 2 * KV_STAT_NAME_MAX + 1, key);
+	/* From the line feed that ends "stats:", so the first line matches. */
+	p = strstr(sec + strlen("\nstats:"), want);
+	if (!p)
+		fail_msg("no stats line for %s in:\n%s", key, sec);
+	p++;
+	nl = strchr(p, '\n');
+	assert_non_null(nl);
+	*len = (size_t)(nl - p);
+	return p;
+}
+
+static void test_stats_text(void **state)
+{
+	struct fixed_source cache, empty, first;
+	uint64_t id[5];
+	struct kv_registry *reg = stats_registry(&cache, &empty, &first, id);
+	char *text = report(reg, KV_REPORT_TEXT);
+	const char *sec = strstr(text, "\nstats:\n"), *line;
+	size_t len, value_end = 0;
+	char key[2 * KV_STAT_NAME_MAX + 2], copy[512];
+
+	assert_non_null(sec);
+	/* After the holders, last. */
+	assert_true(sec > strstr(text, "top holders"));
+	sec += strlen("\nstats:\n");
+	for (size_t i = 0; i < N_CACHE_STATS; i++) {
+		char cells[4][64];
+		size_t n, end;
+
+		snprintf(key, sizeof(key), "cache.%s", cache_stats[i].name);
+		line = stats_line(text, key, &len);
+		assert_true(len < sizeof(copy));
+		memcpy(copy, line, len);
+		copy[len] = '\0';
+		n = split_cells(copy + 2, cells, 4);
+		assert_true(n >= 2);
+		assert_string_equal(cells[0], key);
+		assert_string_equal(cells[1], cache_text[i]);
+		/* Values are right-aligned: they all end in the same column. */
+		end = (size_t)(strstr(copy + 2 + strlen(key), cells[1]) - copy) + strlen(cells[1]);
+		if (value_end == 0)
+			value_end = end;
+		assert_int_equal(end, value_end);
+		if (cache_stats[i].help && cache_stats[i].help[0] && i != N_CACHE_STATS - 1)
+			assert_string_equal(cells[2], cache_stats[i].help);
+		else if (i != N_CACHE_STATS - 1)
+			assert_int_equal(n, 2);
+	}
+	/* Help is escaped like labels: a tab cannot fake a column. */
+	assert_non_null(strstr(sec, "  say \"hi\" \\\\ bye\\tnow\n"));
+	line = stats_line(text, "a-first.ops", &len);
+	assert_non_null(strstr(line, " 7\n"));
+	line = stats_line(text, "broken", &len);
+	assert_true(strstr(line, "failed: -ENOENT") < line + len);
+	assert_true(strstr(line, "no-such-label") < line + len);
+	line = stats_line(text, "zz.bad-name", &len);
+	assert_true(strstr(line, "failed: -EINVAL") < line + len);
+	line = stats_line(text, "empty", &len);
+	assert_true(strstr(line, "(no stats)") < line + len);
+	/* Ordered by source name. */
+	assert_true(strstr(sec, "  a-first.") < strstr(sec, "  broken "));
+	assert_true(strstr(sec, "  broken ") < strstr(sec, "  cache."));
+	assert_true(strstr(sec, "  empty ") < strstr(sec, "  zz.bad-name "));
+	free(text);
+
+	for (size_t i = 0; i < 5; i++)
+		kv_assert_ok(kv_registry_remove_stats(reg, id[i]));
+	kv_assert_ok(kv_registry_destroy(reg, 0));
+}
+
+/* A removed source is neither called nor shown, in any format. */
+static void test_stats_removed(void **state)
+{
+	struct fixed_source cache, empty, first;
+	uint64_t id[5];
+	struct kv_registry *reg = stats_registry(&cache, &empty, &first, id);
+	json_object *root;
+	struct prom_doc *d;
+	char *text;
+
+	kv_assert_ok(kv_registry_remove_stats(reg, id[1])); /* cache */
+	kv_assert_rc(kv_registry_remove_stats(reg, id[1]), -ENOENT);
+	text = report(reg, KV_REPORT_JSON);
+	root = parse_json(text);
+	assert_false(json_object_object_get_ex(jget(root, "stats", json_type_object), "cache", NULL));
+	assert_false(json_object_object_get_ex(jget(root, "stat_info", json_type_object), "cache",
+					       NULL));
+	assert_int_equal(json_object_object_length(jget(root, "stats", json_type_object)), 2);
+	json_object_put(root);
+	free(text);
+
+	text = report(reg, KV_REPORT_PROMETHEUS);
+	d = prom_check(text);
+	for (size_t i = 0; i < d->n_samples; i++)
+		if (strncmp(d->samples[i].name, "libkv_stat", 10) == 0)
+			assert_string_not_equal(prom_label(&d->samples[i], "source"), "cache");
+	free(d->samples);
+	free(text);
+
+	text = report(reg, KV_REPORT_TEXT);
+	assert_null(strstr(text, "cache."));
+	free(text);
+	assert_int_equal(cache.calls, 0);
+	assert_int_equal(first.calls, 3);
+
+	for (size_t i = 0; i < 5; i++)
+		if (i != 1)
+			kv_assert_ok(kv_registry_remove_stats(reg, id[i]));
+	text = report(reg, KV_REPORT_TEXT);
+	assert_non_null(strstr(text, "\nstats:\n(none)\n"));
+	free(text);
+	assert_int_equal(first.calls, 3);
+	kv_assert_ok(kv_registry_validate(reg));
+	kv_assert_ok(kv_registry_destroy(reg, 0));
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -1087,6 +1447,10 @@ int main(void)
 		cmocka_unit_test(test_empty),
 		cmocka_unit_test(test_batched_peaks),
 		cmocka_unit_test(test_write_errors),
+		cmocka_unit_test(test_stats_json),
+		cmocka_unit_test(test_stats_prometheus),
+		cmocka_unit_test(test_stats_text),
+		cmocka_unit_test(test_stats_removed),
 	};
 
 	return cmocka_run_group_tests(tests, setup_registry, teardown_registry);

@@ -2,7 +2,8 @@
 /* libkv umbrella header: include this one. Layers, bottom up:
  * core (errors, logging), taxonomy (tiers, kinds, the registry),
  * allocator (topology, budgets, arenas, block pools), offload (the I/O
- * engine). */
+ * engine, spill store, mmap tensors, streamer), cache (the paged KV cache
+ * and paged attention). */
 #ifndef KV_KV_H
 #define KV_KV_H
 
@@ -11,5 +12,6 @@
 #include <kv/taxonomy.h>
 #include <kv/allocator.h>
 #include <kv/offload.h>
+#include <kv/cache.h>
 
 #endif

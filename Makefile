@@ -27,6 +27,7 @@ bench: all
 	./$(BUILD)/bench/kv-bench registry
 	./$(BUILD)/bench/kv-bench alloc
 	./$(BUILD)/bench/kv-bench io --dir $(BUILD)
+	./$(BUILD)/bench/kv-bench kv
 
 install: all
 	meson configure $(BUILD) -Dprefix=$(PREFIX)

@@ -44,6 +44,17 @@ double bench_median(double *v, size_t n);
 /* Monotonic time in nanoseconds. */
 uint64_t bench_now_ns(void);
 
+/* splitmix64: the next value of the seeded stream whose state is *s (the
+ * same stream on every machine, so workloads repeat). */
+static inline uint64_t bench_rand(uint64_t *s)
+{
+	uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+	return z ^ (z >> 31);
+}
+
 struct bench_scenario {
 	const char *name;
 	const char *summary;
@@ -60,6 +71,7 @@ int bench_alloc(struct bench_run *run);
 int bench_io(struct bench_run *run);
 int bench_store(struct bench_run *run);
 int bench_stream(struct bench_run *run);
+int bench_kv(struct bench_run *run);
 
 /* The raw reference loop of the I/O scenarios (bench_io.c): count
  * O_DIRECT requests of `block` bytes, `depth` in flight, straight on

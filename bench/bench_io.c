@@ -38,20 +38,11 @@ struct io_bench {
 	uint64_t rng;
 };
 
-static uint64_t next_rand(uint64_t *s)
-{
-	uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-
-	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-	return z ^ (z >> 31);
-}
-
 /* The offset of the i-th read of a measurement. */
 static uint64_t block_offset(struct io_bench *b, bool rnd, uint64_t i)
 {
 	if (rnd)
-		return (next_rand(&b->rng) % b->blocks) * BLOCK;
+		return (bench_rand(&b->rng) % b->blocks) * BLOCK;
 	return (i % b->blocks) * BLOCK;
 }
 
@@ -76,7 +67,7 @@ int bench_data_file(const char *path, uint64_t bytes, const char *who)
 	}
 	for (uint64_t off = 0; off < bytes; off += 4 * MiB) {
 		for (size_t i = 0; i < 4 * MiB; i += 8) {
-			uint64_t v = next_rand(&seed);
+			uint64_t v = bench_rand(&seed);
 
 			memcpy(buf + i, &v, 8);
 		}

@@ -39,6 +39,7 @@ static const struct bench_scenario scenarios[] = {
 	{ "io-engine", "kv_io O_DIRECT reads at QD1/16/64 vs a raw io_uring loop and pread", bench_io },
 	{ "store", "kv_store put/get of 256 KiB checksummed extents vs raw io_uring", bench_store },
 	{ "stream", "kv_stream read-ahead under a 25 % budget vs raw O_DIRECT bandwidth", bench_stream },
+	{ "kv", "KV cache: appends, prefix lookup, waste, fork sharing, paged vs contiguous attention", bench_kv },
 };
 
 void bench_figure(struct bench_run *run, const char *name, double value,

@@ -623,9 +623,10 @@ int kv_cache_create(const struct kv_cache_config *cfg, struct kv_cache **out)
 	/* Page-aligned blocks once the rounding costs little (layers start
 	 * on pages, see layout_compute). */
 	pcfg.block_align = lay.block_bytes >= 65536 ? 4096 : 64;
-	/* Whole blocks under max_bytes after the pool rounds it down to its
-	 * page, whatever page it gets. */
-	pcfg.max_bytes = (size_t)nb * lay.block_bytes + page;
+	/* Whole blocks (at the pool's stride) under max_bytes after the pool
+	 * rounds it down to its page, whatever page it gets. */
+	pcfg.max_bytes = (size_t)nb * ((lay.block_bytes + pcfg.block_align - 1) &
+				       ~(pcfg.block_align - 1)) + page;
 	pcfg.place = cfg->place;
 	pcfg.kind = KV_KIND_KV;
 	pcfg.label = "blocks";

@@ -1120,7 +1120,8 @@ static int fixed_fn(void *ctx, struct kv_stat *out, size_t max)
 	fs->calls++;
 	if (max < fs->n)
 		return -E2BIG;
-	memcpy(out, fs->stats, fs->n * sizeof(*out));
+	if (fs->n)
+		memcpy(out, fs->stats, fs->n * sizeof(*out));
 	return (int)fs->n;
 }
 

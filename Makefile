@@ -14,24 +14,35 @@ $(BUILD)/build.ninja:
 deps:
 	@scripts/deps.sh
 
+# The demo: what libkv sees here, the embedding example, then kv-llama on
+# the 15M synthetic model (written once to ~/.cache/libkv): a short prompt,
+# then a batch of 4 prompts sharing a prefix (the later three hit the first
+# one's KV blocks in the prefix cache).
 demo: deps all
 	./$(BUILD)/examples/kv-info
 	@echo
 	./$(BUILD)/examples/kv-embed
+	@echo
+	./$(BUILD)/examples/llama/kv-llama --synthetic 15M --prompt "Once upon a time" --steps 48
+	@echo
+	./$(BUILD)/examples/llama/kv-llama --synthetic 15M --prompts-file examples/llama/demo-prompts.txt --steps 48
 
 test: deps
 	@scripts/test.sh
 
-# io keeps a 2 GiB data file in $(BUILD)/ between runs.
+# io keeps a 2 GiB data file in $(BUILD)/ between runs; decode writes
+# its synthetic models (4.6 GB, the first time) into kv-llama's cache
+# directory (llm_cache_dir(): $$KV_LLAMA_CACHE, ~/.cache/libkv, ...).
 bench: all
 	./$(BUILD)/bench/kv-bench registry
 	./$(BUILD)/bench/kv-bench alloc
 	./$(BUILD)/bench/kv-bench io --dir $(BUILD)
 	./$(BUILD)/bench/kv-bench kv
+	./$(BUILD)/bench/kv-bench decode
 
 install: all
 	meson configure $(BUILD) -Dprefix=$(PREFIX)
 	meson install -C $(BUILD)
 
 clean:
-	rm -rf $(BUILD) build-asan build-tsan build-stage
+	rm -rf $(BUILD) build-asan build-tsan build-fuzz build-stage

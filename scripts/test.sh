@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make test`: the whole suite in a release build and in an
 # address+undefined sanitizer build, the concurrency suite under the thread
-# sanitizer, all with warnings as errors; then an install into a staging
+# sanitizer, all with warnings as errors; 60 s of libFuzzer on kv-llama's
+# file readers (skipped without clang); then an install into a staging
 # prefix and the README's embedding example compiled against it through
 # pkg-config, as C and as C++. Ends with one "N passed, N failed" line.
 set -euo pipefail
@@ -69,6 +70,43 @@ meson compile -C build-tsan >/dev/null
 # Without ASLR: older TSan runtimes reject some kernels' mmap layouts.
 TSAN_OPTIONS=halt_on_error=1 run_suite build-tsan "tests: thread sanitizer (concurrency suite)" \
 	--suite concurrency --timeout-multiplier 4 --wrapper "setarch $(uname -m) -R"
+
+# The kv-llama readers' libFuzzer harness for 60 s in a clang build of
+# its own (the other harnesses in tests/fuzz stay out: see its README).
+# Seeds are written into the corpus, which build-fuzz keeps between runs.
+echo "== fuzz: kv-llama readers (libFuzzer, 60 s)"
+fuzz_skip=""
+if ! command -v clang >/dev/null; then
+	fuzz_skip="clang not found (scripts/deps.sh installs it)"
+else
+	probe=$(mktemp -d)
+	echo 'int LLVMFuzzerTestOneInput(const char *d, unsigned long n) { return 0; }' >"$probe/p.c"
+	clang -fsanitize=fuzzer -o "$probe/p" "$probe/p.c" 2>/dev/null ||
+		fuzz_skip="clang cannot link -fsanitize=fuzzer (libFuzzer is in libclang-rt-14-dev)"
+	rm -rf "$probe"
+fi
+if [ -n "$fuzz_skip" ]; then
+	echo "SKIP: $fuzz_skip"
+	skipped=$((skipped + 1))
+else
+	# Coverage and UBSan instrumentation keep clang from vectorising the
+	# kernels' `omp simd` loops, which it reports as a warning
+	# (-Wpass-failed); that is no defect of the code, so it is not an error.
+	CC=clang setup build-fuzz -Dfuzz=true -Db_sanitize=address,undefined -Db_lundef=false \
+		-Dtests=disabled -Dwerror=true -Dc_args=-Wno-pass-failed
+	meson compile -C build-fuzz fuzz_llama_readers >/dev/null
+	mkdir -p build-fuzz/corpus-llama
+	if KV_FUZZ_SEED_DIR=build-fuzz/corpus-llama UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+		build-fuzz/tests/fuzz/fuzz_llama_readers -max_total_time=60 -max_len=8192 \
+		-artifact_prefix=build-fuzz/ build-fuzz/corpus-llama >build-fuzz/fuzz-llama.log 2>&1; then
+		echo "fuzz_llama_readers: $(grep -o 'Done [0-9]* runs in [0-9]* second' build-fuzz/fuzz-llama.log), no finding"
+		passed=$((passed + 1))
+	else
+		tail -n 40 build-fuzz/fuzz-llama.log
+		echo "!! fuzz_llama_readers failed: build-fuzz/fuzz-llama.log, inputs in build-fuzz/crash-*"
+		failed=$((failed + 1))
+	fi
+fi
 
 echo "== install and embed"
 stage=$PWD/build-stage

@@ -11,6 +11,8 @@
 
 #include <json-c/json.h>
 
+#include "kvjson.h"
+
 #include "kvtest.h"
 
 static char kv_info[1024];
@@ -50,30 +52,6 @@ static int run(const char *args, char **out)
 	return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
 
-static struct json_object *get(struct json_object *obj, const char *key,
-			       enum json_type type)
-{
-	struct json_object *v = NULL;
-
-	if (!json_object_object_get_ex(obj, key, &v))
-		fail_msg("key \"%s\" missing", key);
-	if (!json_object_is_type(v, type))
-		fail_msg("key \"%s\" has type %s, want %s", key,
-			 json_type_to_name(json_object_get_type(v)), json_type_to_name(type));
-	return v;
-}
-
-/* A number: json-c reads an integral one ("70905") as an int. */
-static double get_number(struct json_object *obj, const char *key)
-{
-	struct json_object *v = NULL;
-
-	if (!json_object_object_get_ex(obj, key, &v))
-		fail_msg("key \"%s\" missing", key);
-	if (!json_object_is_type(v, json_type_double) && !json_object_is_type(v, json_type_int))
-		fail_msg("key \"%s\" is not a number", key);
-	return json_object_get_double(v);
-}
 
 static struct json_object *run_json(const char *args)
 {

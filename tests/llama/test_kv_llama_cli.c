@@ -18,6 +18,8 @@
 
 #include <json-c/json.h>
 
+#include "kvjson.h"
+
 #include "llamatest.h"
 
 extern char **environ;
@@ -402,29 +404,6 @@ static void test_samples(void **state)
 		free(out[i]);
 }
 
-static struct json_object *get(struct json_object *obj, const char *key, enum json_type type)
-{
-	struct json_object *v = NULL;
-
-	if (!json_object_object_get_ex(obj, key, &v))
-		fail_msg("key \"%s\" missing in %s", key, json_object_to_json_string(obj));
-	if (!json_object_is_type(v, type))
-		fail_msg("key \"%s\" has type %s, want %s", key,
-			 json_type_to_name(json_object_get_type(v)), json_type_to_name(type));
-	return v;
-}
-
-/* A number: json-c reads an integral one as an int. */
-static double get_number(struct json_object *obj, const char *key)
-{
-	struct json_object *v = NULL;
-
-	if (!json_object_object_get_ex(obj, key, &v))
-		fail_msg("key \"%s\" missing in %s", key, json_object_to_json_string(obj));
-	if (!json_object_is_type(v, json_type_double) && !json_object_is_type(v, json_type_int))
-		fail_msg("key \"%s\" is not a number", key);
-	return json_object_get_double(v);
-}
 
 /* Run with --json and the args; the parsed output. */
 static struct json_object *run_json(const char *const *args)

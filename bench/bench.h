@@ -72,6 +72,7 @@ int bench_io(struct bench_run *run);
 int bench_store(struct bench_run *run);
 int bench_stream(struct bench_run *run);
 int bench_kv(struct bench_run *run);
+int bench_decode(struct bench_run *run);
 
 /* The raw reference loop of the I/O scenarios (bench_io.c): count
  * O_DIRECT requests of `block` bytes, `depth` in flight, straight on
@@ -82,10 +83,30 @@ struct bench_raw_loop {
 	size_t block;             /* bytes per request, aligned */
 	unsigned depth;
 	uint64_t count;           /* requests */
+	uint64_t file_bytes;      /* reads: the file's size when the last
+				   * request may run past its end (it then
+				   * reads the rest); 0: every request is whole */
 	char *bufs;               /* (depth, block), aligned */
 	uint64_t (*offset)(void *ctx, uint64_t i);
 	void *ctx;
 };
 int bench_raw_uring(const struct bench_raw_loop *l, double *gbps);
+
+/* The DRAM reference (bench_mem.c): a streaming sum of 64-bit words over
+ * a buffer of `bytes` (a multiple of BENCH_DRAM_CHUNK; THP-backed, written
+ * once at create) on a thread pool's threads, one chunk an item, repeated
+ * until at least 1 GiB is read. Errors of create: -EINVAL (bytes), -ENOMEM.
+ * Ownership: bench_dram_destroy() frees it (NULL is a no-op). */
+#define BENCH_DRAM_CHUNK ((size_t)1 << 20)
+struct bench_dram;
+struct kv_tpool;
+int bench_dram_create(size_t bytes, struct bench_dram **out);
+void bench_dram_destroy(struct bench_dram *d);
+/* One measurement on tp's threads: GB/s. */
+double bench_dram_read_gbps(struct bench_dram *d, struct kv_tpool *tp);
+
+/* An anonymous mapping of `bytes` with MADV_HUGEPAGE (best effort), for
+ * munmap; NULL when mmap fails. */
+void *bench_map_huge(size_t bytes);
 
 #endif

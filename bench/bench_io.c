@@ -126,31 +126,49 @@ static int kvio_run(struct io_bench *b, struct kv_io *io, int file, unsigned dep
 
 /* ---- The raw references ------------------------------------------------ */
 
+/* What the request at `off` returns: the whole block, or at the end of
+ * the file what is left of it. */
+static uint64_t raw_want(const struct bench_raw_loop *l, uint64_t off)
+{
+	if (!l->write && l->file_bytes && off + l->block > l->file_bytes)
+		return l->file_bytes > off ? l->file_bytes - off : 0;
+	return l->block;
+}
+
+static void raw_prep(const struct bench_raw_loop *l, struct io_uring_sqe *sqe, int fd,
+		     uint64_t slot, uint64_t off)
+{
+	if (l->write)
+		io_uring_prep_write(sqe, fd, l->bufs + slot * l->block, (unsigned)l->block, off);
+	else
+		io_uring_prep_read(sqe, fd, l->bufs + slot * l->block, (unsigned)l->block, off);
+	io_uring_sqe_set_data64(sqe, slot);
+}
+
 int bench_raw_uring(const struct bench_raw_loop *l, double *gbps)
 {
 	struct io_uring ring;
-	uint64_t n = l->count, issued = 0, done = 0, t0;
+	uint64_t n = l->count, issued = 0, done = 0, bytes = 0, t0;
+	uint64_t *offs = calloc(l->depth, sizeof(*offs));   /* (depth) offset per slot */
 	int fd, rc;
 
+	if (!offs)
+		return kv_fail(ENOMEM, "bench: out of memory");
 	fd = open(l->path, (l->write ? O_WRONLY : O_RDONLY) | O_DIRECT | O_CLOEXEC);
-	if (fd < 0)
+	if (fd < 0) {
+		free(offs);
 		return kv_fail(errno, "bench: open %s: %s", l->path, strerror(errno));
+	}
 	rc = io_uring_queue_init(l->depth, &ring, 0);
 	if (rc < 0) {
 		close(fd);
+		free(offs);
 		return kv_fail(-rc, "bench: io_uring_queue_init: %s", strerror(-rc));
 	}
 	t0 = kv_now_ns();
 	for (unsigned i = 0; i < l->depth && issued < n; i++, issued++) {
-		struct io_uring_sqe *sqe = io_uring_get_sqe(&ring);
-
-		if (l->write)
-			io_uring_prep_write(sqe, fd, l->bufs + i * l->block, (unsigned)l->block,
-					    l->offset(l->ctx, issued));
-		else
-			io_uring_prep_read(sqe, fd, l->bufs + i * l->block, (unsigned)l->block,
-					   l->offset(l->ctx, issued));
-		io_uring_sqe_set_data64(sqe, i);
+		offs[i] = l->offset(l->ctx, issued);
+		raw_prep(l, io_uring_get_sqe(&ring), fd, i, offs[i]);
 	}
 	while (done < n) {
 		struct io_uring_cqe *cqe;
@@ -163,23 +181,16 @@ int bench_raw_uring(const struct bench_raw_loop *l, double *gbps)
 			uint64_t slot = io_uring_cqe_get_data64(cqe);
 
 			seen++;
-			if (cqe->res != (int)l->block) {
+			if (cqe->res < 0 || (uint64_t)cqe->res != raw_want(l, offs[slot])) {
 				rc = cqe->res < 0 ? cqe->res : -EIO;
 				break;
 			}
 			rc = 0;
 			done++;
+			bytes += (uint64_t)cqe->res;
 			if (issued < n) {
-				struct io_uring_sqe *sqe = io_uring_get_sqe(&ring);
-				uint64_t off = l->offset(l->ctx, issued++);
-
-				if (l->write)
-					io_uring_prep_write(sqe, fd, l->bufs + slot * l->block,
-							    (unsigned)l->block, off);
-				else
-					io_uring_prep_read(sqe, fd, l->bufs + slot * l->block,
-							   (unsigned)l->block, off);
-				io_uring_sqe_set_data64(sqe, slot);
+				offs[slot] = l->offset(l->ctx, issued++);
+				raw_prep(l, io_uring_get_sqe(&ring), fd, slot, offs[slot]);
 			}
 		}
 		io_uring_cq_advance(&ring, seen);
@@ -188,10 +199,11 @@ int bench_raw_uring(const struct bench_raw_loop *l, double *gbps)
 	}
 	io_uring_queue_exit(&ring);
 	close(fd);
+	free(offs);
 	if (rc < 0)
 		return kv_fail(-rc, "bench: raw io_uring %s: %s", l->write ? "write" : "read",
 			       strerror(-rc));
-	*gbps = (double)(n * l->block) / (double)(kv_now_ns() - t0);
+	*gbps = (double)bytes / (double)(kv_now_ns() - t0);
 	return 0;
 }
 

@@ -498,7 +498,6 @@ static int bench_sharing(struct bench_run *run)
 #define ATTN_TOKEN_BYTES ((size_t)2 * ATTN_KV_HEADS * ATTN_HEAD_DIM * sizeof(float))
 #define ATTN_WORKING_SET ((size_t)512 << 20)
 #define DRAM_BYTES ((size_t)512 << 20)
-#define DRAM_CHUNK MiB
 /* Each measurement reads at least this much. */
 #define MEASURE_BYTES ((size_t)1 << 30)
 
@@ -520,17 +519,6 @@ struct attn_set {
 static size_t seq_layer_bytes(uint32_t ctx)
 {
 	return (size_t)ctx * ATTN_TOKEN_BYTES;
-}
-
-static void *map_huge(size_t bytes)
-{
-	void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-
-	if (p == MAP_FAILED)
-		return NULL;
-	/* As the cache's pool does by default (KV_HUGE_THP); best effort. */
-	madvise(p, bytes, MADV_HUGEPAGE);
-	return p;
 }
 
 static void rand_floats(float *f, size_t n, uint64_t *rng)
@@ -568,7 +556,7 @@ static int attn_set_make(struct attn_set *a, uint32_t ctx, uint32_t layers, uint
 	a->ctx = ctx;
 	a->layers = layers;
 	a->contig_bytes = layers * ATTN_SEQS * seq_layer_bytes(ctx);
-	a->contig = map_huge(a->contig_bytes);
+	a->contig = bench_map_huge(a->contig_bytes);
 	a->q = malloc(qn * sizeof(float));
 	a->out_paged = malloc(qn * sizeof(float));
 	a->out_contig = malloc(qn * sizeof(float));
@@ -686,41 +674,6 @@ static int run_contig(struct attn_set *a, struct kv_tpool *tp, uint32_t batch, u
 	return rc;
 }
 
-/* DRAM read bandwidth: a streaming sum over buf on the pool's threads,
- * one DRAM_CHUNK an item (claimed in order, so the threads stream
- * neighbouring chunks). */
-struct stream_ctx {
-	const char *buf;
-	uint64_t *sums;             /* (items) */
-};
-
-static void stream_item(void *ctx, uint32_t item, uint32_t worker)
-{
-	const struct stream_ctx *sc = ctx;
-	const uint64_t *w = (const uint64_t *)(const void *)(sc->buf + (size_t)item * DRAM_CHUNK);
-	uint64_t acc[8] = { 0 };
-
-	(void)worker;
-	/* Eight lanes so that no add chain serialises the loads. */
-	for (size_t i = 0; i < DRAM_CHUNK / sizeof(*w); i += KV_ARRAY_SIZE(acc))
-		for (size_t j = 0; j < KV_ARRAY_SIZE(acc); j++)
-			acc[j] += w[i + j];
-	for (size_t j = 1; j < KV_ARRAY_SIZE(acc); j++)
-		acc[0] += acc[j];
-	sc->sums[item] = acc[0];
-}
-
-static double dram_gbps(struct kv_tpool *tp, const char *buf, size_t bytes, uint64_t *sums)
-{
-	struct stream_ctx sc = { buf, sums };
-	uint32_t passes = (uint32_t)((MEASURE_BYTES + bytes - 1) / bytes);
-	uint64_t t0 = bench_now_ns();
-
-	for (uint32_t p = 0; p < passes; p++)
-		kv_tpool_run(tp, (uint32_t)(bytes / DRAM_CHUNK), stream_item, &sc);
-	return (double)bytes * passes / (double)(bench_now_ns() - t0);
-}
-
 #define N_BATCHES 2
 static const uint32_t batches[N_BATCHES] = { 1, 16 };
 
@@ -742,8 +695,8 @@ static float max_diff(const float *x, const float *y, size_t n)
 }
 
 static int attn_context(struct bench_run *run, int reps, uint32_t ctx, struct kv_tpool *tp,
-			const char *dram_buf, size_t dram_bytes, uint64_t *sums, double *dram,
-			size_t *n_dram, struct attn_reps *out)
+			struct bench_dram *probe, double *dram, size_t *n_dram,
+			struct attn_reps *out)
 {
 	const uint32_t threads = kv_tpool_threads(tp);
 	uint32_t layers = (uint32_t)(ATTN_WORKING_SET / (ATTN_SEQS * seq_layer_bytes(ctx)));
@@ -778,7 +731,7 @@ static int attn_context(struct bench_run *run, int reps, uint32_t ctx, struct kv
 		}
 	}
 	for (int r = 0; r < reps && rc == 0; r++) {
-		double dr = dram_gbps(tp, dram_buf, dram_bytes, sums);
+		double dr = bench_dram_read_gbps(probe, tp);
 
 		dram[(*n_dram)++] = dr;
 		for (int b = 0; b < N_BATCHES && rc == 0; b++) {
@@ -867,26 +820,19 @@ static int bench_attention(struct bench_run *run, int reps)
 						 "paged_vs_contig_ratio_4096" };
 	const size_t dram_bytes = run->quick ? DRAM_BYTES / 8 : DRAM_BYTES;
 	struct attn_reps *res = calloc(2, sizeof(*res));
-	uint64_t *sums = calloc(dram_bytes / DRAM_CHUNK, sizeof(*sums));
 	double dram[2 * MAX_REPS];
 	size_t n_dram = 0;
 	struct kv_tpool *tp = NULL;
-	char *buf = map_huge(dram_bytes);
-	int rc = res && sums && buf ? 0 : -ENOMEM;
+	struct bench_dram *probe = NULL;
+	int rc = res ? 0 : -ENOMEM;
 
-	if (rc == 0) {
-		memset(buf, 0x5a, dram_bytes);
+	if (rc == 0)
+		rc = bench_dram_create(dram_bytes, &probe);
+	if (rc == 0)
 		rc = kv_tpool_create(core_count(), &tp);
-	}
 	for (int i = 0; i < 2 && rc == 0; i++)
-		rc = attn_context(run, reps, ctxs[i], tp, buf, dram_bytes, sums, dram, &n_dram,
-				  &res[i]);
+		rc = attn_context(run, reps, ctxs[i], tp, probe, dram, &n_dram, &res[i]);
 	if (rc == 0) {
-		volatile uint64_t keep = 0;
-
-		for (size_t i = 0; i < dram_bytes / DRAM_CHUNK; i++)
-			keep += sums[i];
-		(void)keep;
 		for (int i = 0; i < 2; i++) {
 			for (int b = 0; b < N_BATCHES; b++) {
 				bench_figure(run, names[i][b][0], bench_median(res[i].paged[b], (size_t)reps),
@@ -913,9 +859,7 @@ static int bench_attention(struct bench_run *run, int reps)
 			     "x", TARGET_DRAM, "target; mean of batches 1 and 16");
 	}
 	kv_tpool_destroy(tp);
-	if (buf)
-		munmap(buf, dram_bytes);
-	free(sums);
+	bench_dram_destroy(probe);
 	free(res);
 	return rc;
 }

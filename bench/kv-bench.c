@@ -40,6 +40,7 @@ static const struct bench_scenario scenarios[] = {
 	{ "store", "kv_store put/get of 256 KiB checksummed extents vs raw io_uring", bench_store },
 	{ "stream", "kv_stream read-ahead under a 25 % budget vs raw O_DIRECT bandwidth", bench_stream },
 	{ "kv", "KV cache: appends, prefix lookup, waste, fork sharing, paged vs contiguous attention", bench_kv },
+	{ "decode", "kv-llama decode tok/s vs the DRAM bound, batch 1/8/32, streamed weights vs SSD", bench_decode },
 };
 
 void bench_figure(struct bench_run *run, const char *name, double value,

@@ -116,7 +116,6 @@ static int make_cache(struct llm_engine *e)
 {
 	struct kv_cache_config cc;
 	char key[256], label[96];
-	size_t tok_bytes = (size_t)2 * e->m.n_layers * e->m.kv_dim * kv_dtype_size(e->cfg.kv_dtype);
 
 	kv_cache_config_default(&cc);
 	cc.n_layers = e->m.n_layers;
@@ -125,12 +124,11 @@ static int make_cache(struct llm_engine *e)
 	cc.block_tokens = e->cfg.block_tokens ? e->cfg.block_tokens : 16;
 	cc.dtype = e->cfg.kv_dtype;
 	cc.capacity_bytes = e->cfg.kv_budget;
-	if (!cc.capacity_bytes) {
-		uint64_t blocks = (uint64_t)e->cfg.max_batch *
-				  ((e->m.seq_len + cc.block_tokens - 1) / cc.block_tokens + 1);
-
-		cc.capacity_bytes = blocks * cc.block_tokens * tok_bytes;
-	}
+	/* Default: every sequence of a full batch at seq_len, plus a block
+	 * each for copy on write (the pool commits memory as it is used). */
+	if (!cc.capacity_bytes)
+		cc.capacity_blocks = e->cfg.max_batch *
+				     ((e->m.seq_len + cc.block_tokens - 1) / cc.block_tokens + 1);
 	cc.max_seqs = e->cfg.max_batch * 2 + 16;
 	cc.place = e->cfg.place;
 	cc.prefix_cache = e->cfg.prefix_cache;

@@ -3,7 +3,7 @@
 PREFIX ?= /usr/local
 BUILD := build
 
-.PHONY: all deps demo test bench install clean
+.PHONY: all deps demo test bench bench-all install clean
 
 all: $(BUILD)/build.ninja
 	@meson compile -C $(BUILD)
@@ -30,10 +30,18 @@ demo: deps all
 test: deps
 	@scripts/test.sh
 
-# io keeps a 2 GiB data file in $(BUILD)/ between runs; decode writes
-# its synthetic models (4.6 GB, the first time) into kv-llama's cache
-# directory (llm_cache_dir(): $$KV_LLAMA_CACHE, ~/.cache/libkv, ...).
-bench: all
+# The sweep of tokens/s against DRAM footprint (kv-bench sweep): the 110M
+# synthetic model over weights resident x batch x KV dtype, its report,
+# CSV, JSON and gnuplot plots in bench/results/<date>-<host>/. Models are
+# written once into kv-llama's cache directory (llm_cache_dir():
+# $$KV_LLAMA_CACHE, ~/.cache/libkv, ...).
+bench: deps all
+	./$(BUILD)/bench/kv-bench sweep
+
+# The other scenarios, each against its in-run reference. io keeps a 2 GiB
+# data file in $(BUILD)/ between runs; decode writes its synthetic models
+# (4.6 GB, the first time) into kv-llama's cache directory.
+bench-all: all
 	./$(BUILD)/bench/kv-bench registry
 	./$(BUILD)/bench/kv-bench alloc
 	./$(BUILD)/bench/kv-bench io --dir $(BUILD)

@@ -11,6 +11,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "llama.h"
+
 #define BENCH_MAX_FIGURES 64
 
 struct bench_figure {
@@ -29,7 +31,13 @@ struct bench_run {
 	int reps;             /* repetitions a scenario takes the median of */
 	bool quick;           /* smaller sizes (used by the smoke test) */
 	const char *dir;      /* --dir: where I/O scenarios put their files
-			       * (NULL: the current directory) */
+			       * (NULL: the current directory) and the
+			       * kv-llama scenarios their models (NULL:
+			       * llm_cache_dir()) */
+	const char *model;    /* --model: sweep's synthetic model (NULL: its
+			       * default) */
+	const char *out;      /* --out: sweep's results folder (NULL: its
+			       * default) */
 	struct bench_figure figures[BENCH_MAX_FIGURES];
 	size_t n_figures;
 };
@@ -55,11 +63,19 @@ static inline uint64_t bench_rand(uint64_t *s)
 	return z ^ (z >> 31);
 }
 
+/* Options a scenario reads beside --json, --reps, --quick and --dir. */
+#define BENCH_OPT_MODEL 1u
+#define BENCH_OPT_OUT 2u
+
 struct bench_scenario {
 	const char *name;
 	const char *summary;
 	int (*run)(struct bench_run *run);  /* 0 or -errno */
+	unsigned opts;                      /* BENCH_OPT_* it reads */
 };
+
+/* The CPU's model name from /proc/cpuinfo ("unknown" if none). */
+void bench_cpu_model(char *buf, size_t len);
 
 /* Make `path` a file of `bytes` seeded pseudo-random bytes, written with
  * large O_DIRECT writes, unless it already has that size (kept between
@@ -73,6 +89,29 @@ int bench_store(struct bench_run *run);
 int bench_stream(struct bench_run *run);
 int bench_kv(struct bench_run *run);
 int bench_decode(struct bench_run *run);
+int bench_sweep(struct bench_run *run);
+
+/* A synthetic llama2.c model (llm_synthetic_config name) and its file,
+ * as the kv-llama scenarios use them (bench_decode.c). */
+struct bench_model {
+	const char *name;
+	struct llm_config cfg;
+	char path[4096];
+};
+
+/* The model `name` in run->dir (else llm_cache_dir()), written first if
+ * missing (seed 1, as kv-llama's); `who` names the scenario in messages.
+ * Errors: those of llm_synthetic_config and llm_synthetic_ensure. */
+int bench_model_ensure(const struct bench_run *run, const char *who, const char *name,
+		       struct bench_model *m);
+
+/* The raw sequential O_DIRECT read bandwidth of a whole file
+ * (bench_raw_uring, BENCH_RAW_BLOCK requests, BENCH_RAW_DEPTH in flight:
+ * the 64 MiB the streamer keeps in flight); bufs holds (BENCH_RAW_DEPTH,
+ * BENCH_RAW_BLOCK), best from bench_map_huge(). GB/s into *gbps. */
+#define BENCH_RAW_BLOCK ((size_t)4 << 20)
+#define BENCH_RAW_DEPTH 16u
+int bench_raw_read_file(const char *path, uint64_t file_bytes, char *bufs, double *gbps);
 
 /* The raw reference loop of the I/O scenarios (bench_io.c): count
  * O_DIRECT requests of `block` bytes, `depth` in flight, straight on

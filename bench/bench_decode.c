@@ -58,8 +58,6 @@
 #define PROMPT_LEN 8u
 #define MAX_BATCH 32u
 #define WARM_STEPS 2u
-#define RAW_BLOCK (4 * MiB)
-#define RAW_DEPTH 16u
 #define DRAM_BYTES ((size_t)512 << 20)
 #define SYNTH_SEED 1u
 #define STREAM_FRAC 0.25
@@ -70,12 +68,6 @@
 
 #define N_BATCHES 3
 static const uint32_t batches[N_BATCHES] = { 1, 8, 32 };
-
-struct model {
-	const char *name;           /* a llm_synthetic_config name */
-	struct llm_config cfg;
-	char path[4096];
-};
 
 /* An engine with what a measurement needs beside it. */
 struct bengine {
@@ -116,7 +108,8 @@ static void prompts_make(struct prompts *p)
 	}
 }
 
-static int model_ensure(struct bench_run *run, const char *name, struct model *m)
+int bench_model_ensure(const struct bench_run *run, const char *who, const char *name,
+		       struct bench_model *m)
 {
 	uint64_t bytes, t0;
 	int rc;
@@ -128,12 +121,12 @@ static int model_ensure(struct bench_run *run, const char *name, struct model *m
 	if (rc)
 		return rc;
 	if (bytes > ((uint64_t)1 << 30))
-		fprintf(stderr, "kv-bench decode: model %s: %.1f GB, written first if missing "
-			"(once; that takes a while)...\n", name, (double)bytes / 1e9);
+		fprintf(stderr, "kv-bench %s: model %s: %.1f GB, written first if missing "
+			"(once; that takes a while)...\n", who, name, (double)bytes / 1e9);
 	t0 = bench_now_ns();
 	rc = llm_synthetic_ensure(&m->cfg, SYNTH_SEED, run->dir, m->path, sizeof(m->path));
 	if (rc == 0)
-		fprintf(stderr, "kv-bench decode: model %s ready in %.1f s: %s\n", name,
+		fprintf(stderr, "kv-bench %s: model %s ready in %.1f s: %s\n", who, name,
 			(double)(bench_now_ns() - t0) / 1e9, m->path);
 	return rc;
 }
@@ -149,8 +142,8 @@ static void bengine_close(struct bengine *b)
 /* An engine for up to max_batch sequences of PROMPT_LEN + max_steps
  * tokens, on THREADS threads, without a prefix cache (every measurement
  * then does the same work). */
-static int bengine_open(const struct model *m, enum llm_weights weights, uint32_t max_batch,
-			uint32_t max_steps, struct bengine *b)
+static int bengine_open(const struct bench_model *m, enum llm_weights weights,
+			uint32_t max_batch, uint32_t max_steps, struct bengine *b)
 {
 	struct llm_engine_config ec;
 	const uint64_t blocks = (PROMPT_LEN + max_steps + 1 + 15) / 16;
@@ -253,19 +246,25 @@ static int decode_run(struct bengine *b, const struct prompts *p, uint32_t batch
 static uint64_t seq_offset(void *ctx, uint64_t i)
 {
 	(void)ctx;
-	return i * RAW_BLOCK;
+	return i * BENCH_RAW_BLOCK;
 }
 
-/* The whole model file with O_DIRECT, sequentially. */
-static int raw_read(const struct model *m, const struct llm_engine_stats *st, char *bufs,
-		    double *gbps)
+int bench_raw_read_file(const char *path, uint64_t file_bytes, char *bufs, double *gbps)
 {
-	struct bench_raw_loop l = { .path = m->path, .block = RAW_BLOCK, .depth = RAW_DEPTH,
-				    .count = (st->file_bytes + RAW_BLOCK - 1) / RAW_BLOCK,
-				    .file_bytes = st->file_bytes, .bufs = bufs,
+	struct bench_raw_loop l = { .path = path, .block = BENCH_RAW_BLOCK,
+				    .depth = BENCH_RAW_DEPTH,
+				    .count = (file_bytes + BENCH_RAW_BLOCK - 1) / BENCH_RAW_BLOCK,
+				    .file_bytes = file_bytes, .bufs = bufs,
 				    .offset = seq_offset };
 
 	return bench_raw_uring(&l, gbps);
+}
+
+/* The whole model file with O_DIRECT, sequentially. */
+static int raw_read(const struct bench_model *m, const struct llm_engine_stats *st, char *bufs,
+		    double *gbps)
+{
+	return bench_raw_read_file(m->path, st->file_bytes, bufs, gbps);
 }
 
 static double min2(double a, double b)
@@ -291,7 +290,7 @@ static void verbose_rep(const char *what, int r, const struct decode_res *d, dou
 
 /* The main model: DRAM weights at batch 1, 8, 32, and streamed weights
  * at batch 1 and 32, the two engines side by side. */
-static int bench_main(struct bench_run *run, int reps, const struct model *m,
+static int bench_main(struct bench_run *run, int reps, const struct bench_model *m,
 		      const struct prompts *p, struct bench_dram *probe, struct kv_tpool *tp,
 		      struct main_reps *o, uint64_t *weight_bytes)
 {
@@ -302,7 +301,7 @@ static int bench_main(struct bench_run *run, int reps, const struct model *m,
 	/* Huge pages, as the streamer's arena has: with 4 KiB pages, pinning
 	 * each request's pages for O_DIRECT halved the raw loop's bandwidth in
 	 * a VM here (2.4 vs 1.1 GB/s). */
-	char *bufs = bench_map_huge(RAW_DEPTH * RAW_BLOCK);
+	char *bufs = bench_map_huge(BENCH_RAW_DEPTH * BENCH_RAW_BLOCK);
 	int rc = bufs ? 0 : kv_fail(ENOMEM, "decode bench: out of memory");
 
 	if (rc == 0)
@@ -311,7 +310,7 @@ static int bench_main(struct bench_run *run, int reps, const struct model *m,
 		rc = bengine_open(m, LLM_WEIGHTS_STREAM, MAX_BATCH, steps, &stream);
 	if (rc)
 		goto out;
-	memset(bufs, 0, RAW_DEPTH * RAW_BLOCK);
+	memset(bufs, 0, BENCH_RAW_DEPTH * BENCH_RAW_BLOCK);
 	/* Warm-up: threads, scratch, the stream's resident tensors. */
 	for (int b = 0; b < N_BATCHES && rc == 0; b++)
 		rc = decode_run(&dram, p, batches[b], WARM_STEPS, &d);
@@ -374,13 +373,13 @@ out:
 	bengine_close(&stream);
 	bengine_close(&dram);
 	if (bufs)
-		munmap(bufs, RAW_DEPTH * RAW_BLOCK);
+		munmap(bufs, BENCH_RAW_DEPTH * BENCH_RAW_BLOCK);
 	return rc;
 }
 
 /* The large model, DRAM weights, batch 1: tokens/s and their ratio to
  * the DRAM bound of the same rep. */
-static int bench_big(int reps, const struct model *m,
+static int bench_big(int reps, const struct bench_model *m,
 		     const struct prompts *p, struct bench_dram *probe, struct kv_tpool *tp,
 		     double *dram, double *tps, double *bound, double *ratio)
 {
@@ -424,7 +423,7 @@ int bench_decode(struct bench_run *run)
 	struct main_reps *o = calloc(1, sizeof(*o));
 	double bdram[MAX_REPS], btps[MAX_REPS], bbound[MAX_REPS], bratio[MAX_REPS];
 	double dram_all[2 * MAX_REPS];
-	struct model main_m, big_m;
+	struct bench_model main_m, big_m;
 	struct prompts p;
 	struct bench_dram *probe = NULL;
 	struct kv_tpool *tp = NULL;
@@ -433,9 +432,9 @@ int bench_decode(struct bench_run *run)
 
 	prompts_make(&p);
 	if (rc == 0)
-		rc = model_ensure(run, run->quick ? "15M" : "110M", &main_m);
+		rc = bench_model_ensure(run, "decode", run->quick ? "15M" : "110M", &main_m);
 	if (rc == 0)
-		rc = model_ensure(run, run->quick ? "260K" : "1B", &big_m);
+		rc = bench_model_ensure(run, "decode", run->quick ? "260K" : "1B", &big_m);
 	if (rc == 0)
 		rc = bench_dram_create(run->quick ? DRAM_BYTES / 8 : DRAM_BYTES, &probe);
 	if (rc == 0)

@@ -6,7 +6,7 @@ set -eu
 
 PACKAGES="meson ninja-build pkg-config gcc g++ python3 \
 liburing-dev libhwloc-dev libopenblas-dev libxxhash-dev \
-libcmocka-dev libjson-c-dev libssl-dev clang libclang-rt-14-dev"
+libcmocka-dev libjson-c-dev libssl-dev clang libclang-rt-14-dev gnuplot-nox"
 
 missing=""
 for p in $PACKAGES; do

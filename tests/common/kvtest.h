@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * Helpers shared by libkv's cmocka tests: skipping a whole executable
- * (exit 77, with a reason), scratch directories, and a seeded generator.
+ * (exit 77, with a reason), scratch directories, reading a whole file,
+ * and a seeded generator.
  */
 #ifndef KV_TEST_H
 #define KV_TEST_H
@@ -78,6 +79,31 @@ static inline void kv_test_rmtree(const char *dir)
 	snprintf(cmd, sizeof(cmd), "rm -rf -- '%s'", dir);
 	if (system(cmd) != 0)
 		fprintf(stderr, "warning: could not remove %s\n", dir);
+}
+
+/* A whole file as a NUL-terminated string (malloc'ed, the caller frees
+ * it), or NULL when it cannot be opened (errno says why). */
+static inline char *kv_test_slurp(const char *path)
+{
+	FILE *f = fopen(path, "rb");
+	size_t len = 0, cap = 4096, n;
+	char *buf;
+
+	if (!f)
+		return NULL;
+	buf = malloc(cap);
+	assert_non_null(buf);
+	while ((n = fread(buf + len, 1, cap - len - 1, f)) > 0) {
+		len += n;
+		if (cap - len < 2) {
+			cap *= 2;
+			buf = realloc(buf, cap);
+			assert_non_null(buf);
+		}
+	}
+	buf[len] = '\0';
+	fclose(f);
+	return buf;
 }
 
 #endif

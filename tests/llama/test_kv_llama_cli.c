@@ -36,23 +36,11 @@ struct run {
 
 static char *slurp(const char *path)
 {
-	FILE *f = fopen(path, "rb");
-	size_t len = 0, cap = 4096, n;
-	char *buf = malloc(cap);
+	char *s = kv_test_slurp(path);
 
-	assert_non_null(f);
-	assert_non_null(buf);
-	while ((n = fread(buf + len, 1, cap - len - 1, f)) > 0) {
-		len += n;
-		if (cap - len < 2) {
-			cap *= 2;
-			buf = realloc(buf, cap);
-			assert_non_null(buf);
-		}
-	}
-	buf[len] = '\0';
-	fclose(f);
-	return buf;
+	if (!s)
+		fail_msg("cannot read %s: %s", path, strerror(errno));
+	return s;
 }
 
 /* Run kv-llama with the NULL-terminated args (after --cache-dir scratch),

@@ -34,11 +34,13 @@
  * blocks) compiled three times under function target attributes: generic,
  * AVX2+FMA and AVX-512 (kv_kern_isa() picks one per call). The AVX2 and
  * AVX-512 variants take the score and weighted-sum loops from intrinsics
- * (qk_avx2, pv_avx2): the compilers' horizontal sums of `omp simd`
- * reductions cost as much as the dot products themselves, and the
- * weighted sum keeps its accumulators in registers across a chunk's keys
- * only when tiled by hand. Keys no query of a tile sees are never
- * touched, so blocks the window excludes may be released.
+ * (qk_avx2, pv_avx2; qk_avx512, pv_avx512 sixteen floats wide): the
+ * compilers' horizontal sums of `omp simd` reductions cost as much as the
+ * dot products themselves, the weighted sum keeps its accumulators in
+ * registers across a chunk's keys only when tiled by hand, and the
+ * arithmetic the core does between loads is time in which fewer misses
+ * are in flight. Keys no query of a tile sees are never touched, so
+ * blocks the window excludes may be released.
  */
 #include <errno.h>
 #include <math.h>
@@ -771,6 +773,197 @@ KV_TARGET_AVX2 static void qk_avx2(const float *qs, uint32_t dp, uint32_t r0, ui
 	}
 	pf_finish(&pf);
 }
+
+/* ---- AVX-512 ------------------------------------------------------------ */
+/* The same loops sixteen floats wide: half the loads, broadcasts and FMAs
+ * of the AVX2 ones per key, which leaves the core more time in which the
+ * next chunk's misses are in flight. Tails are masked loads. */
+
+/* The low 8 floats plus the high 8 of a. */
+KV_TARGET_AVX512 static inline __m256 fold512(__m512 a)
+{
+	return _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+}
+
+/* As dot_avx2, sixteen floats a step, the d % 16 tail under mask. */
+KV_TARGET_AVX512 static inline __attribute__((always_inline)) void
+dot_avx512(const float *q0, const float *q1, const float *const *k, uint32_t d,
+	   __mmask16 tail, float *s0, float *s1, const int two, struct pf_cursor *pf)
+{
+	const float *k0 = k[0], *k1 = k[1], *k2 = k[2], *k3 = k[3];
+	const uint32_t d16 = d & ~15u;
+	__m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+	__m512 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+	uint32_t i = 0;
+
+	for (; i < d16; i += 16) {
+		__m512 x0 = _mm512_loadu_ps(k0 + i), x1 = _mm512_loadu_ps(k1 + i);
+		__m512 x2 = _mm512_loadu_ps(k2 + i), x3 = _mm512_loadu_ps(k3 + i);
+		__m512 u = _mm512_loadu_ps(q0 + i);
+
+		if (pf)
+			pf_step(pf);
+		a0 = _mm512_fmadd_ps(u, x0, a0);
+		a1 = _mm512_fmadd_ps(u, x1, a1);
+		a2 = _mm512_fmadd_ps(u, x2, a2);
+		a3 = _mm512_fmadd_ps(u, x3, a3);
+		if (two) {
+			__m512 v = _mm512_loadu_ps(q1 + i);
+
+			b0 = _mm512_fmadd_ps(v, x0, b0);
+			b1 = _mm512_fmadd_ps(v, x1, b1);
+			b2 = _mm512_fmadd_ps(v, x2, b2);
+			b3 = _mm512_fmadd_ps(v, x3, b3);
+		}
+	}
+	if (i < d) {
+		__m512 x0 = _mm512_maskz_loadu_ps(tail, k0 + i), x1 = _mm512_maskz_loadu_ps(tail, k1 + i);
+		__m512 x2 = _mm512_maskz_loadu_ps(tail, k2 + i), x3 = _mm512_maskz_loadu_ps(tail, k3 + i);
+		__m512 u = _mm512_maskz_loadu_ps(tail, q0 + i);
+
+		if (pf)
+			pf_step(pf);
+		a0 = _mm512_fmadd_ps(u, x0, a0);
+		a1 = _mm512_fmadd_ps(u, x1, a1);
+		a2 = _mm512_fmadd_ps(u, x2, a2);
+		a3 = _mm512_fmadd_ps(u, x3, a3);
+		if (two) {
+			__m512 v = _mm512_maskz_loadu_ps(tail, q1 + i);
+
+			b0 = _mm512_fmadd_ps(v, x0, b0);
+			b1 = _mm512_fmadd_ps(v, x1, b1);
+			b2 = _mm512_fmadd_ps(v, x2, b2);
+			b3 = _mm512_fmadd_ps(v, x3, b3);
+		}
+	}
+	_mm_storeu_ps(s0, hsum4(fold512(a0), fold512(a1), fold512(a2), fold512(a3)));
+	if (two)
+		_mm_storeu_ps(s1, hsum4(fold512(b0), fold512(b1), fold512(b2), fold512(b3)));
+}
+
+/* qk_avx2 sixteen floats wide. */
+KV_TARGET_AVX512 static void qk_avx512(const float *qs, uint32_t dp, uint32_t r0, uint32_t r1,
+				       const float *const *kp, uint32_t n4, uint32_t d, float *s,
+				       uint32_t ch, const char *const *nk, uint32_t nn4,
+				       size_t row_bytes)
+{
+	const __mmask16 tail = (__mmask16)((1u << (d & 15u)) - 1u);
+	struct pf_cursor pf;
+
+	pf_init(&pf, nk, nn4, row_bytes, (size_t)(n4 / 4) * ((d + 15) / 16));
+	for (uint32_t t = 0; t < n4; t += 4) {
+		uint32_t r = r0;
+
+		if (r + 2 <= r1) {
+			dot_avx512(qs + (size_t)r * dp, qs + (size_t)(r + 1) * dp, kp + t, d, tail,
+				   s + (size_t)r * ch + t, s + (size_t)(r + 1) * ch + t, 1, &pf);
+			r += 2;
+		} else {
+			dot_avx512(qs + (size_t)r * dp, NULL, kp + t, d, tail, s + (size_t)r * ch + t,
+				   NULL, 0, &pf);
+			r++;
+		}
+		for (; r + 2 <= r1; r += 2)
+			dot_avx512(qs + (size_t)r * dp, qs + (size_t)(r + 1) * dp, kp + t, d, tail,
+				   s + (size_t)r * ch + t, s + (size_t)(r + 1) * ch + t, 1, NULL);
+		if (r < r1)
+			dot_avx512(qs + (size_t)r * dp, NULL, kp + t, d, tail, s + (size_t)r * ch + t,
+				   NULL, 0, NULL);
+	}
+	pf_finish(&pf);
+}
+
+/* As pv_tile_avx2 with 16-float vectors: nr rows x nw vectors of
+ * accumulators (16 of them) over all n4 keys; masked: nw is 1 and the V
+ * rows end inside these 16 floats (acc rows are padded to 16). */
+KV_TARGET_AVX512 static inline __attribute__((always_inline)) void
+pv_tile_avx512(float *acc, uint32_t dp, const float *s, uint32_t ch, const float *const *vp,
+	       uint32_t n4, uint32_t i, const int nr, const int nw, const int masked,
+	       __mmask16 tail, struct pf_cursor *pf)
+{
+	__m512 a[4][8];
+
+	KV_UNROLL
+	for (int k = 0; k < nr; k++) {
+		KV_UNROLL
+		for (int j = 0; j < nw; j++)
+			a[k][j] = _mm512_loadu_ps(acc + (size_t)k * dp + i + 16 * j);
+	}
+	for (uint32_t t = 0; t < n4; t++) {
+		const float *v = vp[t] + i;
+		__m512 x[8];
+
+		pf_step(pf);
+		KV_UNROLL
+		for (int j = 0; j < nw; j++)
+			x[j] = masked ? _mm512_maskz_loadu_ps(tail, v) : _mm512_loadu_ps(v + 16 * j);
+		KV_UNROLL
+		for (int k = 0; k < nr; k++) {
+			__m512 p = _mm512_set1_ps(s[(size_t)k * ch + t]);
+
+			KV_UNROLL
+			for (int j = 0; j < nw; j++)
+				a[k][j] = _mm512_fmadd_ps(p, x[j], a[k][j]);
+		}
+	}
+	KV_UNROLL
+	for (int k = 0; k < nr; k++) {
+		KV_UNROLL
+		for (int j = 0; j < nw; j++)
+			_mm512_storeu_ps(acc + (size_t)k * dp + i + 16 * j, a[k][j]);
+	}
+}
+
+/* nr rows over all of d: tiles of nw vectors, then narrower ones, the
+ * last 1-15 floats masked. */
+KV_TARGET_AVX512 static inline __attribute__((always_inline)) void
+pv_rows_avx512(float *acc, uint32_t dp, const float *s, uint32_t ch, const float *const *vp,
+	       uint32_t n4, uint32_t d, const int nr, const int nw, struct pf_cursor *pf)
+{
+	uint32_t i = 0;
+
+	for (; i + 16 * nw <= d; i += 16 * nw)
+		pv_tile_avx512(acc, dp, s, ch, vp, n4, i, nr, nw, 0, 0, pf);
+	if (nw >= 8 && i + 64 <= d) {
+		pv_tile_avx512(acc, dp, s, ch, vp, n4, i, nr, 4, 0, 0, pf);
+		i += 64;
+	}
+	if (nw >= 4 && i + 32 <= d) {
+		pv_tile_avx512(acc, dp, s, ch, vp, n4, i, nr, 2, 0, 0, pf);
+		i += 32;
+	}
+	if (nw >= 2 && i + 16 <= d) {
+		pv_tile_avx512(acc, dp, s, ch, vp, n4, i, nr, 1, 0, 0, pf);
+		i += 16;
+	}
+	if (i < d)
+		pv_tile_avx512(acc, dp, s, ch, vp, n4, i, nr, 1, 1,
+			       (__mmask16)((1u << (d - i)) - 1u), pf);
+}
+
+/* pv_avx2 sixteen floats wide: four rows at a time (four vectors wide),
+ * then two (eight wide), then one (eight wide): 16 or 8 accumulators. */
+KV_TARGET_AVX512 static void pv_avx512(float *acc, uint32_t dp, uint32_t r0, uint32_t r1,
+				       const float *s, uint32_t ch, const float *const *vp,
+				       uint32_t n4, uint32_t d, const char *const *nv, uint32_t nn4,
+				       size_t row_bytes)
+{
+	/* Keys visited: a tile per 64 floats of d (about) per 4 rows. */
+	size_t steps = (size_t)((r1 - r0 + 3) / 4) * ((d + 63) / 64) * n4;
+	struct pf_cursor pf;
+	uint32_t r = r0;
+
+	pf_init(&pf, nv, nn4, row_bytes, steps);
+	for (; r + 4 <= r1; r += 4)
+		pv_rows_avx512(acc + (size_t)r * dp, dp, s + (size_t)r * ch, ch, vp, n4, d, 4, 4, &pf);
+	if (r + 2 <= r1) {
+		pv_rows_avx512(acc + (size_t)r * dp, dp, s + (size_t)r * ch, ch, vp, n4, d, 2, 8, &pf);
+		r += 2;
+	}
+	if (r < r1)
+		pv_rows_avx512(acc + (size_t)r * dp, dp, s + (size_t)r * ch, ch, vp, n4, d, 1, 8, &pf);
+	pf_finish(&pf);
+}
 #endif
 
 /* acc0 += sum_t p0[t] v_t and acc1 likewise over four keys: one load and
@@ -909,7 +1102,9 @@ KV_ALWAYS_INLINE void item_body(const struct call *c, const struct item *it, cha
 		chunk_load(c, sq, it->head, a, n, n4, w.rk[cur], w.rv[cur], &w);
 
 #if KV_KERN_X86
-		if (isa != KV_KERN_GENERIC)
+		if (isa == KV_KERN_AVX512)
+			qk_avx512(w.qs, dp, r0, r1, w.kp, n4, d, w.s, ch, nk, nn4, row_bytes);
+		else if (isa != KV_KERN_GENERIC)
 			qk_avx2(w.qs, dp, r0, r1, w.kp, n4, d, w.s, ch, nk, nn4, row_bytes);
 		else
 #endif
@@ -931,7 +1126,9 @@ KV_ALWAYS_INLINE void item_body(const struct call *c, const struct item *it, cha
 			}
 		}
 #if KV_KERN_X86
-		if (isa != KV_KERN_GENERIC)
+		if (isa == KV_KERN_AVX512)
+			pv_avx512(w.acc, dp, r0, r1, w.s, ch, w.vp, n4, d, nv, nn4, row_bytes);
+		else if (isa != KV_KERN_GENERIC)
 			pv_avx2(w.acc, dp, r0, r1, w.s, ch, w.vp, n4, d, nv, nn4, row_bytes);
 		else
 #endif

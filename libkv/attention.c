@@ -28,7 +28,9 @@
  * (their addresses come from the block table a chunk ahead), spread over
  * the loops, because the arithmetic between loads leaves the core too few
  * misses in flight to stream from DRAM on its own, and the hardware
- * prefetchers stop at every block.
+ * prefetchers stop at every block. The prefetches go to L2, a page's
+ * first line of every page of the chunk before any page's second (see
+ * struct pf_cursor), so that the L2 streamer runs on all of them.
  *
  * The item body is portable C (`omp simd` loops, 2 rows x 4 keys register
  * blocks) compiled three times under function target attributes: generic,
@@ -57,9 +59,17 @@
 /* q and accumulator floats of one item (64 KiB each: L2-resident). */
 #define ROW_FLOATS 16384u
 #define ROWS_MAX 256u
-/* Keys per chunk, and chunk * D bound for the decoded K and V tiles. */
+/* Keys per chunk, and chunk * D bound for the decoded K and V tiles:
+ * 32 keys of 128 floats, 16 KiB of f32 K (and of V) a chunk. At f32
+ * decode of head_dim 128, 64 keys measured about 5% slower with the L2
+ * prefetches below, 16 and 48 within noise of 32. */
 #define CHUNK_MAX 64u
-#define CHUNK_FLOATS 8192u
+#define CHUNK_FLOATS 4096u
+/* Prefetches go to L2 (prefetcht2), not L1: a chunk's worth of lines
+ * ahead does not fit in L1 beside the chunk being read, and a prefetch
+ * into L1 holds one of the core's few fill buffers until its line comes
+ * from DRAM, which caps a core at about 16 lines per DRAM latency. */
+#define PF_LOC 1
 /* Below this much K/V to read, waking threads costs more than it saves. */
 #define SMALL_JOB_BYTES ((size_t)64 << 10)
 /* Split-K aims for this many items per thread, each part >= MIN_PART keys. */
@@ -430,7 +440,7 @@ static inline void prefetch4(const char *const *r, size_t row_bytes)
 {
 	for (int i = 0; i < 4; i++)
 		for (size_t o = 0; o < row_bytes; o += 64)
-			__builtin_prefetch(r[i] + o, 0, 3);
+			__builtin_prefetch(r[i] + o, 0, PF_LOC);
 }
 
 /* ---- Inner loops (inlined into each variant) ---------------------------- */
@@ -537,12 +547,23 @@ KV_ALWAYS_INLINE void qk_portable(const float *qs, uint32_t dp, uint32_t r0, uin
  * step. The steps sit in the inner loops, one or two lines at a time:
  * a burst of prefetches would fill the miss buffers and then the load
  * queue, stalling the arithmetic behind it, which is how memory and
- * compute end up taking turns instead of overlapping. */
+ * compute end up taking turns instead of overlapping.
+ *
+ * The rows are cut into page-sized segments (a block's run of rows is a
+ * page or a few) and the cursor asks for line k of every segment before
+ * line k + 1 of any. The L2 streamer, which fetches far more lines in
+ * flight than software prefetches can, works within a page and starts
+ * on a page only after a few misses there; asking page after page
+ * starts it on each page late, and that is most of what a paged layout,
+ * whose runs end every block, loses against a contiguous one. */
 struct pf_cursor {
 	const char *const *rows;
-	uint32_t row, end;          /* next row, rows [0, end) */
+	uint32_t end;               /* rows [0, end) */
 	uint32_t per;               /* lines per step */
-	size_t off, row_bytes;
+	uint32_t left;              /* lines still to ask for */
+	uint32_t seg_rows, nseg;    /* rows of a segment, segments */
+	uint32_t seg, row;          /* the next line: its segment, its row in it */
+	size_t off, row_bytes;      /* ... and its offset in the row */
 };
 
 static inline void pf_init(struct pf_cursor *pf, const char *const *rows, uint32_t n,
@@ -551,21 +572,35 @@ static inline void pf_init(struct pf_cursor *pf, const char *const *rows, uint32
 	size_t lines = (size_t)n * ((row_bytes + 63) / 64);
 
 	pf->rows = rows;
-	pf->row = 0;
 	pf->end = n;
+	pf->per = (uint32_t)(steps ? (lines + steps - 1) / steps : lines);
+	pf->left = (uint32_t)lines;
+	pf->seg_rows = row_bytes >= 4096 ? 1u : (uint32_t)(4096 / row_bytes);
+	pf->nseg = (n + pf->seg_rows - 1) / pf->seg_rows;
+	pf->seg = 0;
+	pf->row = 0;
 	pf->off = 0;
 	pf->row_bytes = row_bytes;
-	pf->per = (uint32_t)(steps ? (lines + steps - 1) / steps : lines);
 }
 
 static inline void pf_step(struct pf_cursor *pf)
 {
-	for (uint32_t k = 0; k < pf->per && pf->row < pf->end; k++) {
-		__builtin_prefetch(pf->rows[pf->row] + pf->off, 0, 3);
-		pf->off += 64;
-		if (pf->off >= pf->row_bytes) {
-			pf->off = 0;
-			pf->row++;
+	for (uint32_t k = 0; k < pf->per && pf->left;) {
+		uint32_t row = pf->seg * pf->seg_rows + pf->row;
+
+		/* The last segment may be short: its missing rows are skipped. */
+		if (row < pf->end) {
+			__builtin_prefetch(pf->rows[row] + pf->off, 0, PF_LOC);
+			pf->left--;
+			k++;
+		}
+		if (++pf->seg == pf->nseg) {
+			pf->seg = 0;
+			pf->off += 64;
+			if (pf->off >= pf->row_bytes) {
+				pf->off = 0;
+				pf->row++;
+			}
 		}
 	}
 }

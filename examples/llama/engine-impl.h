@@ -4,6 +4,7 @@
 #define KV_LLAMA_ENGINE_IMPL_H
 
 #include "llama.h"
+#include "matmul.h"
 
 /* Where the weights are and how a pass gets them. DRAM and MMAP hand out
  * pointers into one image of the file; STREAM acquires each tensor from

@@ -290,12 +290,8 @@ int llm_seq_free(struct llm_engine *e, kv_seq_id s)
 static void matmul(uint32_t n, uint32_t out, uint32_t in, const float *w, const float *x,
 		   float *y, float beta)
 {
-	if (n == 1)
-		cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)out, (int)in, 1.0f, w, (int)in, x, 1,
-			    beta, y, 1);
-	else
-		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)out, (int)in, 1.0f,
-			    x, (int)in, w, (int)in, beta, y, (int)out);
+	/* set_threads() gave OpenBLAS the engine's thread count. */
+	llm_matmul(n, out, in, w, x, y, beta, (uint32_t)openblas_get_num_threads());
 }
 
 static void rmsnorm(uint32_t n, uint32_t dim, const float *x, const float *w, float *out)
